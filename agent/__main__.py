@@ -1,0 +1,1 @@
+from agent.cli import main; import sys; sys.exit(main())

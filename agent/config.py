@@ -1,0 +1,72 @@
+"""The agent's configuration (``agent.toml``); see packaging/agent.toml for an annotated copy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import configfile
+from agent.wire import ProtocolError, validate_node_id
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str
+    profile: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            validate_node_id(self.id)
+        except ProtocolError as exc:
+            raise ValueError(f"id: {exc.reason}") from None
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8883
+    ca_file: Path = Path("/etc/virt8ra/ca.crt")
+    cert_file: Path = Path("/etc/virt8ra/node.crt")
+    key_file: Path = Path("/etc/virt8ra/node.key")
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff: need 0 < backoff_initial_s <= backoff_max_s")
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    uri: str = "qemu:///system"
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval_s: float = 10.0
+    spool_path: Path = Path("/var/lib/virt8ra/spool.sqlite")
+    spool_max_messages: int = 8640
+    publish_batch: int = 200
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError("interval_s: must be positive")
+        if self.spool_max_messages < 10:
+            raise ValueError("spool_max_messages: must be at least 10")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: NodeConfig
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+
+def load(path: Path) -> AgentConfig:
+    """The agent config at ``path``; raises ``configfile.ConfigError`` naming file and key."""
+    return configfile.load(AgentConfig, path)

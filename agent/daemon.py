@@ -1,0 +1,189 @@
+"""``virt8ra-agent run``: one TaskGroup of named tasks (telemetry, libvirt events, uplink).
+
+The agent keeps sampling while the uplink is down: everything goes through the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from agent import __version__, sdnotify
+from agent.config import AgentConfig
+from agent.hypervisor import DomainEvent, Hypervisor, HypervisorError
+from agent.sampler import HostSampler
+from agent.spool import Dropped, Spool
+from agent.tls import client_context
+from agent.uplink import Uplink, UplinkSettings
+from agent.wire import GuestSample, Inventory, LifecycleEvent, Telemetry, TelemetryGap, encode
+
+log = logging.getLogger("virt8ra.agent")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stop = asyncio.Event()
+        self.spool = Spool(config.telemetry.spool_path, config.telemetry.spool_max_messages)
+        self.sampler = HostSampler()
+        self.hypervisor: Hypervisor | None = None
+        self._inventory: Inventory | None = None
+        # None is the stop sentinel.
+        self._events: asyncio.Queue[DomainEvent | None] = asyncio.Queue(maxsize=10_000)
+        c = config.broker
+        self.uplink = Uplink(
+            UplinkSettings(
+                node=config.node.id,
+                host=c.host,
+                port=c.port,
+                tls=client_context(c.ca_file, c.cert_file, c.key_file),
+                keepalive_s=c.keepalive_s,
+                connect_timeout_s=c.connect_timeout_s,
+                backoff_initial_s=c.backoff_initial_s,
+                backoff_max_s=c.backoff_max_s,
+                interval_s=config.telemetry.interval_s,
+                batch=config.telemetry.publish_batch,
+            ),
+            self.spool,
+            self.inventory,
+        )
+
+    def inventory(self) -> Inventory:
+        assert self._inventory is not None, "inventory is read before the uplink starts"
+        return self._inventory
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.uplink.wake()
+        self._events.put_nowait(None)
+
+    async def run(self) -> None:
+        await self.spool.open()
+        try:
+            await self._connect_hypervisor()
+            sdnotify.notify("READY=1")
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._telemetry(), name="telemetry")
+                tg.create_task(self._forward_events(), name="libvirt-events")
+                tg.create_task(self.uplink.run(self.stop), name="uplink")
+        finally:
+            sdnotify.notify("STOPPING=1")
+            if self.hypervisor is not None:
+                self.hypervisor.close()
+            await self.spool.close()
+
+    async def _connect_hypervisor(self) -> None:
+        hv = await Hypervisor.open(self.config.libvirt.uri)
+        self._inventory = await hv.inventory(__version__, self.config.node.profile)
+        hv.watch_lifecycle(self._on_domain_event)
+        self.hypervisor = hv
+
+    def _on_domain_event(self, event: DomainEvent) -> None:
+        try:
+            self._events.put_nowait(event)
+        except asyncio.QueueFull:
+            log.error("lifecycle event queue full; dropped event for %s", event.vm_name)
+
+    async def _append(self, channel: str, make: Callable[[int], bytes]) -> None:
+        dropped = await self.spool.append(channel, make)
+        if dropped is not None:
+            await self._report_drop(dropped)
+        self.uplink.wake()
+
+    async def _report_drop(self, dropped: Dropped) -> None:
+        log.warning("spool full: dropped %s %d..%d", dropped.channel, dropped.first_seq,
+                    dropped.last_seq)
+        node = self.config.node.id
+        await self.spool.append(
+            "events",
+            lambda seq: encode(
+                TelemetryGap(
+                    node=node,
+                    seq=seq,
+                    ts=time.time(),
+                    first_seq=dropped.first_seq,
+                    last_seq=dropped.last_seq,
+                    reason=f"agent spool full ({dropped.channel})",
+                )
+            ),
+        )
+
+    async def _telemetry(self) -> None:
+        interval = self.config.telemetry.interval_s
+        watchdog = sdnotify.watchdog_interval_s()
+        node = self.config.node.id
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            host = self.sampler.sample()
+            guests = await self._guest_samples()
+            ts = time.time()
+            await self._append(
+                "telemetry",
+                lambda seq: encode(
+                    Telemetry(node=node, seq=seq, ts=ts, interval_s=interval, host=host,
+                              guests=guests)
+                ),
+            )
+            if watchdog is not None:
+                sdnotify.notify("WATCHDOG=1")
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (suspend, overload): do not burst to catch up
+                next_at, delay = time.monotonic(), 0
+            if watchdog is not None:
+                delay = min(delay, watchdog)
+            try:
+                await asyncio.wait_for(self.stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def _guest_samples(self) -> tuple[GuestSample, ...]:
+        hv = self.hypervisor
+        if hv is None:
+            return ()
+        try:
+            return await hv.guest_samples()
+        except HypervisorError as exc:
+            log.warning("guest figures unavailable: %s", exc)
+            if not hv.alive():
+                await self._reconnect_hypervisor()
+            return ()
+
+    async def _reconnect_hypervisor(self) -> None:
+        if self.hypervisor is not None:
+            self.hypervisor.close()
+            self.hypervisor = None
+        try:
+            await self._connect_hypervisor()
+            log.info("reconnected to libvirt at %s", self.config.libvirt.uri)
+        except HypervisorError as exc:
+            log.warning("libvirt still unreachable: %s", exc)
+
+    async def _forward_events(self) -> None:
+        node = self.config.node.id
+        while (ev := await self._events.get()) is not None:
+            await self._append(
+                "events",
+                lambda seq: encode(
+                    LifecycleEvent(
+                        node=node, seq=seq, ts=ev.ts, vm_uuid=ev.vm_uuid, vm_name=ev.vm_name,
+                        event=ev.event, detail=ev.detail, state=ev.state,
+                    )
+                ),
+            )
+
+
+def run(config: AgentConfig) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.request_stop)
+        await agent.run()
+
+    asyncio.run(main())

@@ -1,0 +1,183 @@
+"""``virt8ra-agent enroll``: trade a one-time token for this node's identity.
+
+The key is made here and never leaves the node; the aggregator signs a CSR and returns the
+certificate with the CA and the broker's address. Everything is written to a staging directory
+first and moved into place at the end, so a failure leaves nothing half-written. This module
+(and cryptography with it) is loaded only by the enroll command, never by the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent import __version__, configfile, simhost
+from agent.hypervisor import Hypervisor, HypervisorError
+from agent.profiles import default_profiles_dir, load_profile
+from agent.wire import ProtocolError, to_plain, validate_node_id
+
+
+class EnrollError(Exception):
+    """Enrollment failed; the message says what happened and what to do next."""
+
+
+@dataclass(frozen=True)
+class EnrollOptions:
+    aggregator: str
+    token: str
+    node_id: str
+    config_dir: Path
+    state_dir: Path
+    libvirt_uri: str = "qemu:///system"
+    ca_fingerprint: str = ""
+    simulate_profile: str = ""
+    interval_s: float = 10.0
+    force: bool = False
+
+
+def default_node_id() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    return name
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(  # noqa: S310 - the URL is the operator's aggregator
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+            code, message = err["code"], err["message"]
+        except (ValueError, KeyError, TypeError):
+            code, message = str(exc.code), exc.reason
+        hints = {
+            "invalid_token": "check the token, or ask for a new one",
+            "token_used": "each token enrolls one node: ask for a new one",
+            "token_expired": "ask for a new token",
+            "node_exists": "pick another --node-id, or have the operator remove the node",
+        }
+        hint = hints.get(code, "")
+        raise EnrollError(f"the aggregator refused: {message}" + (f"; {hint}" if hint else ""))\
+            from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise EnrollError(
+            f"cannot reach the aggregator at {url}: {reason}; check the URL and the network"
+        ) from None
+
+
+async def _inventory(uri: str, profile: str) -> dict[str, Any]:
+    try:
+        hv = await Hypervisor.open(uri)
+    except HypervisorError as exc:
+        raise EnrollError(f"cannot reach libvirt at {uri}: {exc}; is libvirtd running?") from None
+    try:
+        return to_plain(await hv.inventory(__version__, profile))
+    finally:
+        hv.close()
+
+
+def enroll(opts: EnrollOptions) -> Path:
+    """Enroll this node; returns the path of the agent config written."""
+    try:
+        validate_node_id(opts.node_id)
+    except ProtocolError as exc:
+        raise EnrollError(f"--node-id: {exc.reason}") from None
+    config_path = opts.config_dir / "agent.toml"
+    if config_path.exists() and not opts.force:
+        raise EnrollError(
+            f"this node is already enrolled ({config_path} exists); pass --force to re-enroll"
+        )
+    opts.config_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".enroll-", dir=opts.config_dir))
+    try:
+        uri = opts.libvirt_uri
+        if opts.simulate_profile:
+            profile = load_profile(default_profiles_dir() / f"{opts.simulate_profile}.toml")
+            host_file = opts.config_dir / "simulated-host.xml"
+            uri = "test://" + str(host_file.resolve())
+            (staging / host_file.name).write_text(simhost.host_xml(profile, opts.node_id))
+            inventory = asyncio.run(_inventory("test://" + str(staging / host_file.name),
+                                               profile.name))
+        else:
+            inventory = asyncio.run(_inventory(uri, ""))
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, opts.node_id)]))
+            .sign(key, hashes.SHA256())
+        )
+        answer = _post(
+            opts.aggregator.rstrip("/") + "/api/v1/enroll",
+            {
+                "token": opts.token,
+                "node_id": opts.node_id,
+                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+                "inventory": inventory,
+            },
+        )
+        try:
+            cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
+            ca = x509.load_pem_x509_certificate(answer["ca"].encode())
+            broker_host, broker_port = answer["broker"]["host"], int(answer["broker"]["port"])
+            profile_name = str(answer["attributes"]["profile"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EnrollError(f"the aggregator's answer is incomplete ({exc}); "
+                              "is the URL a virt8ra aggregator?") from None
+        if opts.ca_fingerprint and _fingerprint(ca) != opts.ca_fingerprint.lower():
+            raise EnrollError(
+                f"the aggregator's CA is {_fingerprint(ca)}, not the pinned "
+                f"{opts.ca_fingerprint}: wrong aggregator or wrong fingerprint; nothing written"
+            )
+        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+            raise EnrollError("the certificate returned is not for this node's key")
+        (staging / "node.key").write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+        )
+        os.chmod(staging / "node.key", 0o600)
+        (staging / "node.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (staging / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        (staging / "agent.toml").write_text(
+            "# Written by virt8ra-agent enroll; see packaging/agent.toml for every key.\n"
+            + configfile.dump_toml({
+                "node": {"id": opts.node_id, "profile": profile_name},
+                "broker": {"host": broker_host, "port": broker_port,
+                           "ca_file": opts.config_dir / "ca.crt",
+                           "cert_file": opts.config_dir / "node.crt",
+                           "key_file": opts.config_dir / "node.key"},
+                "libvirt": {"uri": uri},
+                "telemetry": {"interval_s": opts.interval_s,
+                              "spool_path": opts.state_dir / "spool.sqlite"},
+            })
+        )
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == "agent.toml"):
+            os.replace(item, opts.config_dir / item.name)  # the config last: it marks success
+        return config_path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,258 @@
+"""The local hypervisor through libvirt: inventory, guest figures, lifecycle events.
+
+The only module of the agent that imports libvirt. ``libvirtError`` becomes
+:class:`HypervisorError` with libvirt's code and message. Blocking calls run in a worker
+thread; lifecycle events arrive on the asyncio loop (libvirtaio) and are queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import libvirt
+import libvirtaio
+
+from agent.wire import GuestBlockSample, GuestNicSample, GuestSample, Inventory
+
+STATE_NAMES: Final = {
+    0: "no state",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutdown",
+    5: "shut off",
+    6: "crashed",
+    7: "pmsuspended",
+}
+EVENT_NAMES: Final = {
+    0: "defined",
+    1: "undefined",
+    2: "started",
+    3: "suspended",
+    4: "resumed",
+    5: "stopped",
+    6: "shutdown",
+    7: "pmsuspended",
+    8: "crashed",
+}
+# Detail codes per event, as virsh names them (libvirt's virDomainEvent*DetailType).
+DETAIL_NAMES: Final[dict[int, tuple[str, ...]]] = {
+    0: ("added", "updated", "renamed", "from snapshot"),
+    1: ("removed", "renamed"),
+    2: ("booted", "migrated", "restored", "from snapshot", "wakeup"),
+    3: ("paused", "migrated", "I/O error", "watchdog", "restored", "from snapshot",
+        "API error", "post-copy", "post-copy failed"),
+    4: ("unpaused", "migrated", "from snapshot", "post-copy", "post-copy failed"),
+    5: ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from snapshot"),
+    6: ("finished", "guest", "host"),
+    7: ("memory", "disk"),
+    8: ("panicked", "crashloaded"),
+}
+
+
+class HypervisorError(Exception):
+    """libvirt refused or failed; ``code`` is libvirt's error code (0 when unknown)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    vm_uuid: str
+    vm_name: str
+    event: str
+    detail: str
+    state: str
+    ts: float
+
+
+def _wrap(exc: libvirt.libvirtError) -> HypervisorError:
+    return HypervisorError(exc.get_error_message() or str(exc), exc.get_error_code() or 0)
+
+
+_event_loop_registered = False
+
+
+def register_event_loop() -> None:
+    """Hook libvirt's event loop into the running asyncio loop (once per process)."""
+    global _event_loop_registered
+    if not _event_loop_registered:
+        libvirt.registerErrorHandler(lambda *_: None, None)
+        libvirtaio.virEventRegisterAsyncIOImpl()
+        _event_loop_registered = True
+
+
+class Hypervisor:
+    """One libvirt connection. Use :meth:`open` inside the running loop."""
+
+    def __init__(self, uri: str, conn: Any) -> None:
+        self.uri = uri
+        self._conn = conn
+        self._callback_id: int | None = None
+
+    @classmethod
+    async def open(cls, uri: str) -> Hypervisor:
+        register_event_loop()
+        try:
+            conn = await asyncio.to_thread(libvirt.open, uri)
+        except libvirt.libvirtError as exc:
+            raise _wrap(exc) from None
+        return cls(uri, conn)
+
+    def close(self) -> None:
+        if self._callback_id is not None:
+            try:
+                self._conn.domainEventDeregisterAny(self._callback_id)
+            except libvirt.libvirtError:
+                pass
+            self._callback_id = None
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    def alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    async def inventory(self, agent_version: str, profile: str) -> Inventory:
+        return await asyncio.to_thread(self._inventory, agent_version, profile)
+
+    def _inventory(self, agent_version: str, profile: str) -> Inventory:
+        try:
+            model, memory_mib, cpus, mhz, _nodes, sockets, cores, threads = self._conn.getInfo()
+            caps = self._conn.getCapabilities()
+            version = self._conn.getLibVersion()
+            hostname = self._conn.getHostname()
+            hypervisor = self._conn.getType()
+        except libvirt.libvirtError as exc:
+            raise _wrap(exc) from None
+        return Inventory(
+            hostname=hostname,
+            agent_version=agent_version,
+            domain_type=domain_type_from_capabilities(caps),
+            cpu_model=str(model),
+            cpus=int(cpus),
+            cpu_mhz=int(mhz),
+            sockets=int(sockets),
+            cores_per_socket=int(cores),
+            threads_per_core=int(threads),
+            memory_bytes=int(memory_mib) * 1024 * 1024,
+            libvirt_version=f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}",
+            hypervisor=str(hypervisor),
+            profile=profile,
+        )
+
+    async def guest_samples(self) -> tuple[GuestSample, ...]:
+        return await asyncio.to_thread(self._guest_samples)
+
+    def _guest_samples(self) -> tuple[GuestSample, ...]:
+        try:
+            records = self._conn.getAllDomainStats(0, 0)
+            return tuple(guest_sample(dom.UUIDString(), dom.name(), stats) for dom, stats in records)
+        except libvirt.libvirtError as exc:
+            raise _wrap(exc) from None
+
+    def watch_lifecycle(self, deliver: Callable[[DomainEvent], None]) -> None:
+        """Call ``deliver`` on the loop for every domain lifecycle event from now on."""
+
+        def on_event(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+            details = DETAIL_NAMES.get(event, ())
+            try:
+                state = STATE_NAMES.get(dom.state()[0], "unknown")
+            except libvirt.libvirtError:
+                state = "unknown"  # the domain is already gone (undefined)
+            deliver(
+                DomainEvent(
+                    vm_uuid=dom.UUIDString(),
+                    vm_name=dom.name(),
+                    event=EVENT_NAMES.get(event, str(event)),
+                    detail=details[detail] if 0 <= detail < len(details) else str(detail),
+                    state=state,
+                    ts=time.time(),
+                )
+            )
+
+        try:
+            self._callback_id = self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None
+            )
+        except libvirt.libvirtError as exc:
+            raise _wrap(exc) from None
+
+
+def domain_type_from_capabilities(caps_xml: str) -> str:
+    """``kvm`` when the host offers it for its own architecture, else ``qemu`` (or the first)."""
+    try:
+        root = ET.fromstring(caps_xml)
+    except ET.ParseError:
+        return "unknown"
+    host_arch = root.findtext("host/cpu/arch") or platform.machine()
+    offered: list[str] = []
+    for guest in root.findall("guest"):
+        arch = guest.find("arch")
+        if arch is None or arch.get("name") != host_arch:
+            continue
+        offered.extend(d.get("type", "") for d in arch.findall("domain"))
+    for preferred in ("kvm", "qemu"):
+        if preferred in offered:
+            return preferred
+    return offered[0] if offered else "unknown"
+
+
+def _int(stats: dict[str, Any], key: str) -> int | None:
+    value = stats.get(key)
+    return int(value) if isinstance(value, int) else None
+
+
+def guest_sample(uuid: str, name: str, stats: dict[str, Any]) -> GuestSample:
+    """One guest's ``getAllDomainStats`` record as a wire sample (KiB become bytes)."""
+
+    def kib(key: str) -> int | None:
+        value = _int(stats, key)
+        return None if value is None else value * 1024
+
+    block = tuple(
+        GuestBlockSample(
+            name=str(stats.get(f"block.{i}.name", f"block{i}")),
+            read_bytes=_int(stats, f"block.{i}.rd.bytes") or 0,
+            write_bytes=_int(stats, f"block.{i}.wr.bytes") or 0,
+            read_ops=_int(stats, f"block.{i}.rd.reqs") or 0,
+            write_ops=_int(stats, f"block.{i}.wr.reqs") or 0,
+            capacity_bytes=_int(stats, f"block.{i}.capacity"),
+            allocation_bytes=_int(stats, f"block.{i}.allocation"),
+        )
+        for i in range(_int(stats, "block.count") or 0)
+    )
+    nics = tuple(
+        GuestNicSample(
+            name=str(stats.get(f"net.{i}.name", f"net{i}")),
+            rx_bytes=_int(stats, f"net.{i}.rx.bytes") or 0,
+            tx_bytes=_int(stats, f"net.{i}.tx.bytes") or 0,
+            rx_packets=_int(stats, f"net.{i}.rx.pkts") or 0,
+            tx_packets=_int(stats, f"net.{i}.tx.pkts") or 0,
+        )
+        for i in range(_int(stats, "net.count") or 0)
+    )
+    return GuestSample(
+        uuid=uuid,
+        name=name,
+        state=STATE_NAMES.get(_int(stats, "state.state") or 0, "unknown"),
+        vcpus=_int(stats, "vcpu.current"),
+        cpu_time_ns=_int(stats, "cpu.time"),
+        memory_max_bytes=kib("balloon.maximum"),
+        balloon_current_bytes=kib("balloon.current"),
+        balloon_rss_bytes=kib("balloon.rss"),
+        block=block,
+        nics=nics,
+    )

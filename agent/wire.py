@@ -1,0 +1,482 @@
+"""The wire contract between agents and the aggregator: data plus two functions.
+
+Every MQTT payload is a msgpack map, the *envelope*: ``v`` (protocol version), ``t`` (message
+type) and the fields of one frozen dataclass below. ``encode(msg) -> bytes`` and
+``decode(data) -> Message`` are the only ways in and out. Unknown keys are ignored (a newer
+peer may add fields); a missing or mistyped key raises :class:`ProtocolError` naming the field.
+Topic strings come only from the functions at the end of this module.
+
+Errors::
+
+    ProtocolError (ValueError)   the peer sent something this contract does not accept
+
+Encoding a message of ours that is malformed is our own bug and raises ``TypeError``.
+This module imports only the standard library and msgpack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeAlias
+
+import msgpack
+
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = frozenset({1})
+TOPIC_PREFIX: Final = "v8/nodes"
+NODE_ID_PATTERN: Final = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+RESERVED_NODE_IDS: Final = frozenset({"aggregator"})
+MAX_PAYLOAD_BYTES: Final = 1 << 20
+
+Scalar: TypeAlias = str | int | float | bool
+
+
+class ProtocolError(ValueError):
+    """The peer sent data that breaks the contract; ``field`` names where (dotted path)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def validate_node_id(node_id: str) -> str:
+    """Return ``node_id`` if it can name a node (a DNS label, not reserved), else raise."""
+    if not isinstance(node_id, str) or not NODE_ID_PATTERN.match(node_id):
+        raise ProtocolError("node", f"{node_id!r} is not a node id (lower-case DNS label)")
+    if node_id in RESERVED_NODE_IDS:
+        raise ProtocolError("node", f"{node_id!r} is reserved")
+    return node_id
+
+
+# --- samples (parts of messages) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FilesystemSample:
+    mountpoint: str
+    fstype: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSample:
+    name: str
+    read_bytes: int
+    write_bytes: int
+    read_ops: int
+    write_ops: int
+
+
+@dataclass(frozen=True, slots=True)
+class NicSample:
+    name: str
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    rx_errors: int
+    tx_errors: int
+    rx_drops: int
+    tx_drops: int
+
+
+@dataclass(frozen=True, slots=True)
+class TemperatureSample:
+    sensor: str
+    label: str
+    celsius: float
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    cpu_percent: float
+    cpu_count: int
+    load1: float
+    load5: float
+    load15: float
+    mem_total_bytes: int
+    mem_available_bytes: int
+    mem_used_bytes: int
+    swap_total_bytes: int
+    swap_used_bytes: int
+    uptime_s: float
+    filesystems: tuple[FilesystemSample, ...] = ()
+    disks: tuple[DiskSample, ...] = ()
+    nics: tuple[NicSample, ...] = ()
+    temperatures: tuple[TemperatureSample, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GuestBlockSample:
+    name: str
+    read_bytes: int
+    write_bytes: int
+    read_ops: int
+    write_ops: int
+    capacity_bytes: int | None = None
+    allocation_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuestNicSample:
+    name: str
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSample:
+    uuid: str
+    name: str
+    state: str
+    vcpus: int | None = None
+    cpu_time_ns: int | None = None
+    memory_max_bytes: int | None = None
+    balloon_current_bytes: int | None = None
+    balloon_rss_bytes: int | None = None
+    block: tuple[GuestBlockSample, ...] = ()
+    nics: tuple[GuestNicSample, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """What a node is: reported on every connect inside its status."""
+
+    hostname: str
+    agent_version: str
+    domain_type: str
+    cpu_model: str
+    cpus: int
+    cpu_mhz: int
+    sockets: int
+    cores_per_socket: int
+    threads_per_core: int
+    memory_bytes: int
+    libvirt_version: str
+    hypervisor: str
+    profile: str = ""
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Retained on ``.../status``; ``offline`` is also the node's last will."""
+
+    TYPE: typing.ClassVar[str] = "status"
+    node: str
+    state: Literal["online", "offline"]
+    ts: float
+    interval_s: float = 0.0
+    inventory: Inventory | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    TYPE: typing.ClassVar[str] = "telemetry"
+    node: str
+    seq: int
+    ts: float
+    interval_s: float
+    host: HostSample
+    guests: tuple[GuestSample, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    """A libvirt domain lifecycle event as it happened on the node."""
+
+    TYPE: typing.ClassVar[str] = "lifecycle"
+    node: str
+    seq: int
+    ts: float
+    vm_uuid: str
+    vm_name: str
+    event: str
+    detail: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryGap:
+    """The node's spool overflowed: telemetry ``first_seq..last_seq`` is gone for good."""
+
+    TYPE: typing.ClassVar[str] = "telemetry_gap"
+    node: str
+    seq: int
+    ts: float
+    first_seq: int
+    last_seq: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """Sketch for the control half: a signed instruction to one node."""
+
+    TYPE: typing.ClassVar[str] = "order"
+    node: str
+    seq: int
+    order_id: str
+    issued_at: float
+    expires_at: float
+    action: str
+    params: dict[str, Scalar] = field(default_factory=dict)
+    signature: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Sketch for the control half: a node's account of an order."""
+
+    TYPE: typing.ClassVar[str] = "report"
+    node: str
+    seq: int
+    ts: float
+    order_id: str
+    state: str
+    result: dict[str, Scalar] = field(default_factory=dict)
+    error: str = ""
+
+
+Message: TypeAlias = Status | Telemetry | LifecycleEvent | TelemetryGap | Order | Report
+MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
+    cls.TYPE: cls for cls in (Status, Telemetry, LifecycleEvent, TelemetryGap, Order, Report)
+}
+
+
+# --- encode ---------------------------------------------------------------------------------
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def to_plain(msg: Any) -> dict[str, Any]:
+    """A message or sample as plain dicts and lists (for JSON or storage)."""
+    plain = _to_plain(msg)
+    assert isinstance(plain, dict)
+    return plain
+
+
+def encode(msg: Message) -> bytes:
+    """The envelope for ``msg`` as msgpack bytes."""
+    cls = type(msg)
+    if MESSAGE_TYPES.get(getattr(cls, "TYPE", "")) is not cls:
+        raise TypeError(f"not a wire message: {cls.__name__}")
+    body = _to_plain(msg)
+    body["v"] = PROTOCOL_VERSION
+    body["t"] = cls.TYPE
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+# --- decode ---------------------------------------------------------------------------------
+# Each dataclass gets a converter built once from its field types. A converter takes a value and
+# returns it checked and converted; on error it raises ProtocolError with the field path relative
+# to itself, and each enclosing converter prefixes its own part (no path work on the happy path).
+
+Convert: TypeAlias = Callable[[Any], Any]
+
+
+def _within(exc: ProtocolError, prefix: str) -> ProtocolError:
+    joined = prefix if exc.field == "" else (
+        f"{prefix}{exc.field}" if exc.field.startswith("[") else f"{prefix}.{exc.field}"
+    )
+    return ProtocolError(joined, exc.reason)
+
+
+def _scalar(kind: type, name: str) -> Convert:
+    def convert(value: Any) -> Any:
+        # bool is an int subclass: never accept it where a number is meant.
+        if type(value) is kind or (kind is float and type(value) is int):
+            return value
+        raise ProtocolError("", f"expected {name}, got {type(value).__name__}")
+
+    return convert
+
+
+def _any_scalar(value: Any) -> Scalar:
+    if type(value) in (str, int, float, bool):
+        return typing.cast(Scalar, value)
+    raise ProtocolError("", f"expected a string, number or boolean, got {type(value).__name__}")
+
+
+def _converter(tp: Any) -> Convert:
+    origin = typing.get_origin(tp)
+    simple = {str: "string", int: "integer", float: "number", bool: "boolean", bytes: "bytes"}
+    if tp in simple:
+        return _scalar(tp, simple[tp])
+    if tp == Scalar:
+        return _any_scalar
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+
+        def convert_literal(value: Any) -> Any:
+            if type(value) is str and value in allowed:
+                return value
+            raise ProtocolError("", f"expected one of {', '.join(map(repr, allowed))}")
+
+        return convert_literal
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _converter(args[0]) if len(args) == 1 else _any_scalar
+
+        def convert_optional(value: Any) -> Any:
+            return None if value is None else inner(value)
+
+        return convert_optional
+    if origin is tuple:
+        item = _converter(typing.get_args(tp)[0])
+
+        def convert_tuple(value: Any) -> tuple[Any, ...]:
+            if type(value) is not list:
+                raise ProtocolError("", f"expected a list, got {type(value).__name__}")
+            out = []
+            for i, v in enumerate(value):
+                try:
+                    out.append(item(v))
+                except ProtocolError as exc:
+                    raise _within(exc, f"[{i}]") from None
+            return tuple(out)
+
+        return convert_tuple
+    if origin is dict:
+        value_convert = _converter(typing.get_args(tp)[1])
+
+        def convert_dict(value: Any) -> dict[str, Any]:
+            if type(value) is not dict:
+                raise ProtocolError("", f"expected a map, got {type(value).__name__}")
+            out = {}
+            for k, v in value.items():
+                if type(k) is not str:
+                    raise ProtocolError("", "map keys must be strings")
+                try:
+                    out[k] = value_convert(v)
+                except ProtocolError as exc:
+                    raise _within(exc, k) from None
+            return out
+
+        return convert_dict
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_converter(typing.cast(type, tp))
+    raise TypeError(f"no wire converter for {tp!r}")
+
+
+_MISSING: Final = object()
+
+
+def _dataclass_converter(cls: type) -> Convert:
+    hints = typing.get_type_hints(cls)
+    spec = [
+        (
+            f.name,
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            _converter(hints[f.name]),
+        )
+        for f in dataclasses.fields(cls)
+    ]
+
+    def convert(value: Any) -> Any:
+        if type(value) is not dict:
+            raise ProtocolError("", f"expected a map, got {type(value).__name__}")
+        kwargs = {}
+        for name, required, conv in spec:
+            v = value.get(name, _MISSING)
+            if v is _MISSING:
+                if required:
+                    raise ProtocolError(name, "missing")
+                continue
+            try:
+                kwargs[name] = conv(v)
+            except ProtocolError as exc:
+                raise _within(exc, name) from None
+        return cls(**kwargs)
+
+    return convert
+
+
+_DECODERS: Final[dict[str, Convert]] = {
+    name: _dataclass_converter(cls) for name, cls in MESSAGE_TYPES.items()
+}
+
+
+def decode(data: bytes) -> Message:
+    """The message in ``data``; raises :class:`ProtocolError` for anything else."""
+    if type(data) is not bytes:
+        raise ProtocolError("message", "expected bytes")
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("message", f"larger than {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError("message", f"not msgpack: {exc.__class__.__name__}") from None
+    if type(body) is not dict:
+        raise ProtocolError("message", f"expected a map, got {type(body).__name__}")
+    version = body.get("v")
+    if type(version) is not int:
+        raise ProtocolError("v", "missing or not an integer")
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError("v", f"unsupported protocol version {version}")
+    kind = body.get("t")
+    decoder = _DECODERS.get(kind) if type(kind) is str else None
+    if decoder is None:
+        raise ProtocolError("t", f"unknown message type {kind!r}")
+    try:
+        msg: Message = decoder(body)
+    except ProtocolError as exc:
+        raise ProtocolError(exc.field or "message", exc.reason) from None
+    validate_node_id(msg.node)
+    return msg
+
+
+# --- topics ---------------------------------------------------------------------------------
+
+Channel: TypeAlias = Literal["status", "telemetry", "events", "orders"]
+CHANNELS: Final[tuple[Channel, ...]] = ("status", "telemetry", "events", "orders")
+
+
+def topic(node: str, channel: Channel) -> str:
+    """The topic of ``channel`` for ``node``."""
+    if channel not in CHANNELS:
+        raise TypeError(f"unknown channel {channel!r}")
+    return f"{TOPIC_PREFIX}/{validate_node_id(node)}/{channel}"
+
+
+def subscription(channel: Channel) -> str:
+    """The wildcard that matches ``channel`` of every node."""
+    if channel not in CHANNELS:
+        raise TypeError(f"unknown channel {channel!r}")
+    return f"{TOPIC_PREFIX}/+/{channel}"
+
+
+def parse_topic(name: str) -> tuple[str, Channel]:
+    """``(node, channel)`` of a topic; raises :class:`ProtocolError` for a foreign topic."""
+    parts = name.split("/")
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_PREFIX or parts[3] not in CHANNELS:
+        raise ProtocolError("topic", f"{name!r} is not a virt8ra node topic")
+    return validate_node_id(parts[2]), typing.cast(Channel, parts[3])
+
+
+CHANNEL_OF: Final[dict[str, Channel]] = {
+    Status.TYPE: "status",
+    Telemetry.TYPE: "telemetry",
+    LifecycleEvent.TYPE: "events",
+    TelemetryGap.TYPE: "events",
+    Report.TYPE: "events",
+    Order.TYPE: "orders",
+}

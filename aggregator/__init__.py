@@ -1,0 +1,1 @@
+"""The virt8ra aggregator."""

@@ -1,0 +1,1 @@
+from aggregator.cli import main; import sys; sys.exit(main())

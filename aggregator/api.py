@@ -1,0 +1,358 @@
+"""The REST API (aiohttp): one route table that declares each route's roles and documentation.
+
+The table is the single source for routing, authorisation and the OpenAPI description, so a
+route cannot exist without being documented and guarded. Errors are JSON
+``{"error": {"code", "message"}}`` with a 4xx status; bad input never yields a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from agent.profiles import Profile
+from aggregator import auth, queries
+from aggregator.auth import ROLES
+from aggregator.enrollment import (
+    EnrollmentError,
+    EnrollRequest,
+    TokenScope,
+    create_token,
+    enroll,
+    hash_secret,
+)
+from aggregator.metrics import render_metrics
+from aggregator.pki import CertificateAuthority
+from aggregator.store import Store
+
+log = logging.getLogger("virt8ra.aggregator.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC: tuple[str, ...] = ()
+ALL_ROLES = ROLES
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    roles: tuple[str, ...]  # empty: no bearer token (public, or authorised by the body)
+    summary: str
+    query: tuple[tuple[str, str], ...] = ()  # (name, description)
+    body: dict[str, Any] | None = None  # JSON schema of the request body
+    responses: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Services:
+    """What the handlers need; built by the service and stored on the app."""
+
+    store: Store
+    ca: CertificateAuthority
+    profiles: dict[str, Profile]
+    heartbeat_factor: float
+    min_timeout_s: float
+    cert_days: float
+    broker_host: str
+    broker_port: int
+    metrics: Callable[[], dict[str, float]]
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _svc(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > 1 << 20:
+        raise ApiError(413, "too_large", "request body larger than 1 MiB")
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+
+
+def _query_time(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return queries.parse_time(raw)
+    except ValueError:
+        raise ApiError(
+            400, "invalid_query", f"{name} must be unix seconds or an ISO 8601 time"
+        ) from None
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    counts = await svc.store.read(
+        lambda c: queries.status_counts(c, time.time(), svc.heartbeat_factor, svc.min_timeout_s)
+    )
+    body = render_metrics(svc.metrics(), counts)
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(ROUTES))
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    nodes = await svc.store.read(
+        lambda c: queries.list_nodes(
+            c, time.time(), svc.heartbeat_factor, svc.min_timeout_s, svc.profiles
+        )
+    )
+    return web.json_response({"nodes": nodes})
+
+
+def _node_id(request: web.Request) -> str:
+    return request.match_info["id"]
+
+
+async def get_node(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    node_id = _node_id(request)
+    node = await svc.store.read(
+        lambda c: queries.node_detail(
+            c, node_id, time.time(), svc.heartbeat_factor, svc.min_timeout_s, svc.profiles
+        )
+    )
+    if node is None:
+        raise ApiError(404, "not_found", f"no node {node_id!r}")
+    return web.json_response(node)
+
+
+async def node_telemetry(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    node_id = _node_id(request)
+    since = _query_time(request, "since")
+    until = _query_time(request, "until")
+    metrics_asked = [
+        m for raw in request.query.getall("metric", []) for m in raw.split(",") if m
+    ]
+    unknown = [m for m in metrics_asked if m not in queries.HOST_METRICS]
+    if unknown:
+        raise ApiError(
+            400, "invalid_query",
+            f"unknown metric {unknown[0]!r}; known: {', '.join(queries.HOST_METRICS)}",
+        )
+    try:
+        limit = int(request.query.get("limit", "1000"))
+        if not 1 <= limit <= 10000:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "invalid_query", "limit must be an integer from 1 to 10000") from None
+    result = await svc.store.read(
+        lambda c: queries.telemetry(c, node_id, since, until, metrics_asked, limit)
+    )
+    if result is None:
+        raise ApiError(404, "not_found", f"no node {node_id!r}")
+    return web.json_response(result)
+
+
+async def create_enrollment_token(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    fields = {}
+    for key in ("site", "country", "provider", "profile"):
+        value = body.get(key)
+        if not isinstance(value, str):
+            raise ApiError(400, "invalid_request", f"{key} must be a string")
+        fields[key] = value
+    if fields["profile"] not in svc.profiles:
+        raise ApiError(
+            400, "unknown_profile",
+            f"no hardware profile {fields['profile']!r}; known: {', '.join(sorted(svc.profiles))}",
+        )
+    ttl = body.get("ttl_seconds", 7200)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 60 <= ttl <= 30 * 86400:
+        raise ApiError(400, "invalid_request", "ttl_seconds must be a number from 60 to 2592000")
+    scope = TokenScope(**fields)
+    now = time.time()
+    result = await svc.store.write(lambda db: create_token(db, scope, float(ttl), now))
+    result["ca_fingerprint"] = svc.ca.fingerprint()
+    result.update(fields)
+    return web.json_response(result, status=201)
+
+
+async def enroll_node(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    req = EnrollRequest.from_json(await _json_body(request))
+    now = time.time()
+    result = await svc.store.write(lambda db: enroll(db, svc.ca, req, now, svc.cert_days))
+    result["broker"] = {"host": svc.broker_host, "port": svc.broker_port}
+    return web.json_response(result, status=201)
+
+
+async def create_api_token(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    role, name = body.get("role"), body.get("name", "")
+    if role not in ROLES:
+        raise ApiError(400, "invalid_request", f"role must be one of {', '.join(ROLES)}")
+    if not isinstance(name, str) or len(name) > 100:
+        raise ApiError(400, "invalid_request", "name must be a string of at most 100 characters")
+    now = time.time()
+    token = await svc.store.write(lambda db: auth.create_api_token(db, str(role), name, now))
+    return web.json_response({"token": token, "role": role, "name": name}, status=201)
+
+
+_NODE_404 = {404: "no such node"}
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/healthz", healthz, PUBLIC, "Liveness of the aggregator"),
+    Route("GET", "/metrics", metrics, PUBLIC, "Fleet and ingest figures (Prometheus text)"),
+    Route("GET", "/api/v1/openapi.json", openapi, ALL_ROLES, "This API's OpenAPI description"),
+    Route("GET", "/api/v1/nodes", list_nodes, ALL_ROLES, "Every node with status and capacity"),
+    Route("GET", "/api/v1/nodes/{id}", get_node, ALL_ROLES,
+          "One node with its latest host and per-VM figures, gaps and events",
+          responses=_NODE_404),
+    Route("GET", "/api/v1/nodes/{id}/telemetry", node_telemetry, ALL_ROLES,
+          "A node's telemetry samples and roll-ups",
+          query=(("since", "start (unix seconds or ISO 8601), default one hour ago"),
+                 ("until", "end (unix seconds or ISO 8601), default now"),
+                 ("metric", "host metric(s) to return, comma-separated or repeated"),
+                 ("limit", "most recent samples to return, 1-10000 (default 1000)")),
+          responses={400: "bad query", **_NODE_404}),
+    Route("POST", "/api/v1/enrollment-tokens", create_enrollment_token, ("admin", "technician"),
+          "A one-time token that enrolls one node at a site",
+          body={"type": "object", "required": ["site", "country", "provider", "profile"],
+                "properties": {"site": {"type": "string"}, "country": {"type": "string"},
+                               "provider": {"type": "string"}, "profile": {"type": "string"},
+                               "ttl_seconds": {"type": "number"}}},
+          responses={201: "token created", 400: "bad request"}),
+    Route("POST", "/api/v1/enroll", enroll_node, PUBLIC,
+          "A node trades its enrollment token and CSR for a certificate",
+          body={"type": "object", "required": ["token", "node_id", "csr"],
+                "properties": {"token": {"type": "string"}, "node_id": {"type": "string"},
+                               "csr": {"type": "string"}, "inventory": {"type": "object"}}},
+          responses={201: "enrolled", 400: "bad request", 403: "token refused",
+                     409: "node already enrolled"}),
+    Route("POST", "/api/v1/api-tokens", create_api_token, ("admin",),
+          "A bearer token for a role",
+          body={"type": "object", "required": ["role"],
+                "properties": {"role": {"type": "string", "enum": list(ROLES)},
+                               "name": {"type": "string"}}},
+          responses={201: "token created", 400: "bad request"}),
+)
+
+
+def openapi_document(routes: tuple[Route, ...]) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for r in routes:
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "operationId": r.handler.__name__,
+            "responses": {
+                str(code): {"description": text}
+                for code, text in {200: "ok", **r.responses}.items()
+            },
+        }
+        if r.roles:
+            op["security"] = [{"bearer": []}]
+            op["x-roles"] = list(r.roles)
+            op["responses"]["401"] = {"description": "missing or invalid token"}
+            op["responses"]["403"] = {"description": "role not allowed"}
+        params = [
+            {"name": name, "in": "query", "required": False, "description": text,
+             "schema": {"type": "string"}}
+            for name, text in r.query
+        ]
+        if "{id}" in r.path:
+            params.insert(0, {"name": "id", "in": "path", "required": True,
+                              "schema": {"type": "string"}})
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": r.body}}
+            }
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "virt8ra aggregator API", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+
+
+# --- middleware -----------------------------------------------------------------------------
+
+ROLES_KEY = "virt8ra_roles"
+
+
+async def _role_of(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    digest = hash_secret(token.strip())
+
+    def lookup(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute(
+            "SELECT role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL", (digest,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    return await _svc(request).store.read(lookup)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route: Route | None = getattr(request.match_info.route, "virt8ra_route", None)
+    try:
+        if route is not None and route.roles:
+            role = await _role_of(request)
+            if role is None:
+                return error(401, "unauthorized", "a valid bearer token is required")
+            if role not in route.roles:
+                return error(403, "forbidden", f"role {role!r} may not {route.method} {route.path}")
+        return await handler(request)
+    except ApiError as exc:
+        return error(exc.status, exc.code, exc.message)
+    except EnrollmentError as exc:
+        return error(exc.status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        raise
+
+
+def make_app(services: Services) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=1 << 20)
+    app[SERVICES] = services
+    for r in ROUTES:
+        resource_route = app.router.add_route(r.method, r.path, r.handler)
+        resource_route.virt8ra_route = r  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,136 @@
+"""The aggregator's configuration (``DIR/aggregator.toml``; annotated copy in packaging/).
+
+Everything lives under one data directory; paths inside it are derived here, not configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import configfile
+
+CONFIG_NAME = "aggregator.toml"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8480
+    public_url: str = ""  # what nodes use to reach this API for enrollment; default from host/port
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    def url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    managed: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8883
+    executable: str = "mosquitto"
+    user: str = "mosquitto"  # the broker drops to this user when started as root
+    # Sized for ingest bursts: Mosquitto's default (1000) silently drops QoS 1 messages
+    # for a subscriber that falls behind.
+    max_queued_messages: int = 1_000_000
+    max_inflight_messages: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    client_id: str = "aggregator"
+    batch_size: int = 2000
+    flush_interval_s: float = 0.05
+    queue_max: int = 200_000  # past this, messages are shed and counted, never silently lost
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    heartbeat_factor: float = 3.0  # offline after this many missed telemetry intervals
+    min_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    raw_hours: float = 48.0
+    rollup_bucket_s: int = 300
+    rollup_days: float = 90.0
+    sweep_interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class PkiConfig:
+    node_cert_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    api: ApiConfig = field(default_factory=ApiConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    pki: PkiConfig = field(default_factory=PkiConfig)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things live inside the data directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def broker(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "fleet.sqlite"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.root / "admin-token"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.pki / "aggregator.crt"
+
+    @property
+    def client_key(self) -> Path:
+        return self.pki / "aggregator.key"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.pki / "ca.crt"
+
+    @property
+    def crl(self) -> Path:
+        return self.broker / "crl.pem"
+
+
+def load(data_dir: Path) -> AggregatorConfig:
+    return configfile.load(AggregatorConfig, Layout(data_dir).config)

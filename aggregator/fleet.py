@@ -1,0 +1,92 @@
+"""Fleet decisions as pure functions over plain data: liveness, sequence gaps, roll-ups.
+
+The current time is always passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+# Host figures that are rolled up when raw telemetry ages out.
+ROLLUP_METRICS: Final = (
+    "cpu_percent",
+    "load1",
+    "load5",
+    "load15",
+    "mem_available_bytes",
+    "mem_used_bytes",
+    "swap_used_bytes",
+)
+
+
+def node_status(
+    reported: str, last_seen: float | None, interval_s: float, now: float,
+    heartbeat_factor: float, min_timeout_s: float,
+) -> str:
+    """``online`` when the node said so and has been heard within its heartbeat timeout."""
+    if reported != "online" or last_seen is None:
+        return "offline"
+    timeout = max(interval_s * heartbeat_factor, min_timeout_s)
+    return "online" if now - last_seen <= timeout else "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class SeqStep:
+    last: int                      # the highest sequence number seen after this one
+    gap: tuple[int, int] | None    # numbers skipped by this one, if any
+    late: bool                     # at or below the highest seen: a replay or a gap filler
+
+
+def next_seq(last: int, seq: int) -> SeqStep:
+    """What receiving ``seq`` after ``last`` means (numbers start at 1)."""
+    if seq <= last:
+        return SeqStep(last, None, True)
+    return SeqStep(seq, (last + 1, seq - 1) if seq > last + 1 else None, False)
+
+
+def split_gap(first: int, last: int, seq: int) -> list[tuple[int, int]]:
+    """The parts of gap ``first..last`` left once ``seq`` (inside it) has arrived."""
+    parts = []
+    if first <= seq - 1:
+        parts.append((first, seq - 1))
+    if seq + 1 <= last:
+        parts.append((seq + 1, last))
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    node_id: str
+    bucket_start: float
+    metric: str
+    count: int
+    min: float
+    max: float
+    sum: float
+
+
+def rollup(samples: Iterable[tuple[str, float, dict[str, Any]]], bucket_s: int) -> list[Rollup]:
+    """Per node, bucket and metric: count, min, max and sum of ``(node, ts, host)`` samples."""
+    acc: dict[tuple[str, float, str], list[float]] = {}
+    for node_id, ts, host in samples:
+        bucket = math.floor(ts / bucket_s) * bucket_s
+        for metric in ROLLUP_METRICS:
+            value = host.get(metric)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            a = acc.get((node_id, bucket, metric))
+            v = float(value)
+            if a is None:
+                acc[(node_id, bucket, metric)] = [1, v, v, v]
+            else:
+                a[0] += 1
+                a[1] = min(a[1], v)
+                a[2] = max(a[2], v)
+                a[3] += v
+    return [
+        Rollup(node, bucket, metric, int(a[0]), a[1], a[2], a[3])
+        for (node, bucket, metric), a in sorted(acc.items())
+    ]

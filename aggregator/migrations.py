@@ -1,0 +1,125 @@
+"""The fleet database's schema, as numbered migrations applied in order at start.
+
+Append a migration; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _m001_foundation(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            site TEXT NOT NULL DEFAULT '',
+            country TEXT NOT NULL DEFAULT '',
+            provider TEXT NOT NULL DEFAULT '',
+            profile TEXT NOT NULL DEFAULT '',
+            enrolled_at REAL,
+            reported_status TEXT NOT NULL DEFAULT 'unknown',
+            status_changed_at REAL,
+            last_seen REAL,
+            interval_s REAL NOT NULL DEFAULT 10,
+            inventory TEXT,
+            malformed_messages INTEGER NOT NULL DEFAULT 0,
+            telemetry_last_seq INTEGER NOT NULL DEFAULT 0,
+            events_last_seq INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE telemetry (
+            node_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            received_at REAL NOT NULL,
+            payload BLOB NOT NULL,
+            PRIMARY KEY (node_id, seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX telemetry_received ON telemetry (received_at);
+        CREATE TABLE telemetry_rollup (
+            node_id TEXT NOT NULL,
+            bucket_start REAL NOT NULL,
+            metric TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            min REAL NOT NULL,
+            max REAL NOT NULL,
+            sum REAL NOT NULL,
+            PRIMARY KEY (node_id, metric, bucket_start)
+        ) WITHOUT ROWID;
+        CREATE TABLE gaps (
+            id INTEGER PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            detected_at REAL NOT NULL,
+            reason TEXT NOT NULL
+        );
+        CREATE INDEX gaps_node ON gaps (node_id, channel, first_seq);
+        CREATE TABLE events (
+            node_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            received_at REAL NOT NULL,
+            type TEXT NOT NULL,
+            vm_uuid TEXT NOT NULL DEFAULT '',
+            vm_name TEXT NOT NULL DEFAULT '',
+            summary TEXT NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (node_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE enrollment_tokens (
+            id INTEGER PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            site TEXT NOT NULL,
+            country TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            profile TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL,
+            used_by TEXT
+        );
+        CREATE TABLE api_tokens (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE TABLE certificates (
+            serial TEXT PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            issued_at REAL NOT NULL,
+            not_after REAL NOT NULL,
+            revoked_at REAL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_foundation", _m001_foundation),
+]
+
+
+def apply(db: sqlite_utils.Database) -> list[str]:
+    """Apply the migrations this database lacks; return their names."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    done = {row[0] for row in db.execute("SELECT name FROM migrations").fetchall()}
+    applied = []
+    for name, migrate in MIGRATIONS:
+        if name in done:
+            continue
+        with db.conn:
+            migrate(db)
+            db.execute(
+                "INSERT INTO migrations (name, applied_at) VALUES (?, datetime('now'))", [name]
+            )
+        applied.append(name)
+    return applied

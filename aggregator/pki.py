@@ -1,0 +1,251 @@
+"""The fleet's certificate authority: the only module of the aggregator that imports cryptography.
+
+Makes the CA, the broker's server certificate, the aggregator's client certificate, signs node
+CSRs with the placement attributes taken from the enrollment token (never from the node), and
+writes the CRL. Keys are EC P-256; files are PEM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Our own attribute for the hardware profile (the others are standard name attributes).
+PROFILE_OID = x509.ObjectIdentifier("1.3.6.1.4.1.57264.8.1")
+
+
+class PkiError(Exception):
+    """A CSR or certificate that cannot be accepted; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAttributes:
+    node_id: str
+    country: str
+    provider: str
+    site: str
+    profile: str
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    certificate_pem: str
+    serial: int
+    not_after: float
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """``sha256:<hex>`` of the certificate's DER."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+class CertificateAuthority:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.cert_path = directory / "ca.crt"
+        self.key_path = directory / "ca.key"
+        self._cert: x509.Certificate | None = None
+        self._key: ec.EllipticCurvePrivateKey | None = None
+
+    def create(self, name: str = "virt8ra fleet CA", days: int = 3650) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key = _new_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        _write(self.key_path, _key_pem(key), 0o600)
+        _write(self.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        self._cert, self._key = cert, key
+
+    def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        if self._cert is None or self._key is None:
+            self._cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise PkiError(f"{self.key_path}: not an EC private key")
+            self._key = key
+        return self._cert, self._key
+
+    def cert_pem(self) -> str:
+        return self.cert_path.read_text()
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert_path.read_bytes())
+
+    def _issue(
+        self,
+        subject: x509.Name,
+        public_key: ec.EllipticCurvePublicKey,
+        days: float,
+        usage: list[x509.ObjectIdentifier],
+        sans: list[x509.GeneralName] | None = None,
+    ) -> Issued:
+        ca_cert, ca_key = self._load()
+        now = _now()
+        not_after = now + dt.timedelta(days=days)
+        serial = x509.random_serial_number()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(serial)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return Issued(
+            cert.public_bytes(serialization.Encoding.PEM).decode(), serial, not_after.timestamp()
+        )
+
+    def issue_to_files(
+        self, cn: str, cert_path: Path, key_path: Path, *, server: bool, days: float = 825
+    ) -> Issued:
+        """A key and certificate for one of our own services (broker, aggregator client)."""
+        key = _new_key()
+        usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
+        sans: list[x509.GeneralName] | None = None
+        if server:
+            sans = [
+                x509.DNSName("localhost"),
+                x509.DNSName(cn),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            ]
+        issued = self._issue(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]),
+            key.public_key(), days, usage, sans,
+        )
+        _write(key_path, _key_pem(key), 0o600)
+        _write(cert_path, issued.certificate_pem.encode(), 0o644)
+        return issued
+
+    def sign_node_csr(self, csr_pem: str, attrs: NodeAttributes, days: float) -> Issued:
+        """Sign a node's CSR; the subject is ours, built from ``attrs``, not from the CSR."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except (ValueError, TypeError) as exc:
+            raise PkiError(f"csr is not a PEM certificate request: {exc}") from None
+        try:
+            if not csr.is_signature_valid:
+                raise PkiError("csr signature does not verify")
+        except InvalidSignature:
+            raise PkiError("csr signature does not verify") from None
+        key = csr.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise PkiError("csr key must be EC P-256")
+        asked = {a.oid: a.value for a in csr.subject}
+        cn = asked.get(NameOID.COMMON_NAME)
+        if cn is not None and cn != attrs.node_id:
+            raise PkiError(f"csr asks for common name {cn!r}, expected {attrs.node_id!r}")
+        for oid, value, label in (
+            (NameOID.COUNTRY_NAME, attrs.country, "country"),
+            (NameOID.ORGANIZATION_NAME, attrs.provider, "provider"),
+            (NameOID.LOCALITY_NAME, attrs.site, "site"),
+        ):
+            if oid in asked and asked[oid] != value:
+                raise PkiError(f"csr asks for {label} {asked[oid]!r}; the token grants {value!r}")
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, attrs.node_id),
+                x509.NameAttribute(NameOID.COUNTRY_NAME, attrs.country),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, attrs.provider),
+                x509.NameAttribute(NameOID.LOCALITY_NAME, attrs.site),
+                x509.NameAttribute(PROFILE_OID, attrs.profile),
+            ]
+        )
+        return self._issue(subject, key, days, [ExtendedKeyUsageOID.CLIENT_AUTH])
+
+    def write_crl(self, path: Path, revoked_serials: list[int], days: float = 7) -> None:
+        ca_cert, ca_key = self._load()
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=days))
+        )
+        for serial in revoked_serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+        crl = builder.sign(ca_key, hashes.SHA256())
+        _write(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def read_node_attributes(cert_pem: str) -> NodeAttributes:
+    """The placement attributes a node certificate carries."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+
+    def get(oid: x509.ObjectIdentifier) -> str:
+        values = cert.subject.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else ""
+
+    return NodeAttributes(
+        node_id=get(NameOID.COMMON_NAME),
+        country=get(NameOID.COUNTRY_NAME),
+        provider=get(NameOID.ORGANIZATION_NAME),
+        site=get(NameOID.LOCALITY_NAME),
+        profile=get(PROFILE_OID),
+    )

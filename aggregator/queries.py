@@ -1,0 +1,189 @@
+"""Read-side queries over the fleet database; each takes a read connection and returns JSON-able
+data. They run on the store's reader threads (``Store.read``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import sqlite3
+import time
+from typing import Any, Final
+
+from agent.profiles import Profile
+from agent.wire import HostSample, Telemetry, decode, to_plain
+from aggregator import fleet
+
+# The host figures a client may ask for by name.
+HOST_METRICS: Final = tuple(
+    f.name for f in dataclasses.fields(HostSample) if f.type in ("float", "int")
+)
+_NODE_COLUMNS = (
+    "id, site, country, provider, profile, enrolled_at, reported_status, status_changed_at,"
+    " last_seen, interval_s, inventory, malformed_messages, telemetry_last_seq, events_last_seq"
+)
+
+
+def parse_time(raw: str) -> float:
+    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    parsed = dt.datetime.fromisoformat(raw)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+def _capacity(inventory: dict[str, Any] | None, profile: Profile | None) -> dict[str, Any] | None:
+    if not inventory:
+        return None
+    cpus = inventory.get("cpus")
+    memory = inventory.get("memory_bytes")
+    if not isinstance(cpus, int) or not isinstance(memory, int):
+        return None
+    reserved_cpus = profile.reserved.cpus if profile else 0
+    reserved_mem = profile.reserved.memory_mib * 1024 * 1024 if profile else 0
+    return {
+        "cpus": cpus,
+        "memory_bytes": memory,
+        "cpu_model": inventory.get("cpu_model"),
+        "cpu_mhz": inventory.get("cpu_mhz"),
+        "domain_type": inventory.get("domain_type"),
+        "reserved_cpus": reserved_cpus,
+        "reserved_memory_bytes": reserved_mem,
+        "allocatable_cpus": max(0, cpus - reserved_cpus),
+        "allocatable_memory_bytes": max(0, memory - reserved_mem),
+    }
+
+
+def _node(row: sqlite3.Row, now: float, factor: float, min_timeout: float,
+          profiles: dict[str, Profile]) -> dict[str, Any]:
+    inventory = json.loads(row["inventory"]) if row["inventory"] else None
+    profile = profiles.get(row["profile"])
+    return {
+        "id": row["id"],
+        "status": fleet.node_status(
+            row["reported_status"], row["last_seen"], row["interval_s"], now, factor, min_timeout
+        ),
+        "site": row["site"],
+        "country": row["country"],
+        "provider": row["provider"],
+        "profile": row["profile"],
+        "labels": dict(profile.labels) if profile else {},
+        "capacity": _capacity(inventory, profile),
+        "last_seen": row["last_seen"],
+        "last_seen_at": _iso(row["last_seen"]),
+        "enrolled_at": _iso(row["enrolled_at"]),
+        "reported_status": row["reported_status"],
+        "interval_s": row["interval_s"],
+    }
+
+
+def list_nodes(conn: sqlite3.Connection, now: float, factor: float, min_timeout: float,
+               profiles: dict[str, Profile]) -> list[dict[str, Any]]:
+    rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY id").fetchall()
+    return [_node(r, now, factor, min_timeout, profiles) for r in rows]
+
+
+def status_counts(conn: sqlite3.Connection, now: float, factor: float,
+                  min_timeout: float) -> dict[str, int]:
+    counts = {"online": 0, "offline": 0}
+    for reported, last_seen, interval in conn.execute(
+        "SELECT reported_status, last_seen, interval_s FROM nodes"
+    ):
+        counts[fleet.node_status(reported, last_seen, interval, now, factor, min_timeout)] += 1
+    return counts
+
+
+def _latest(conn: sqlite3.Connection, node_id: str) -> Telemetry | None:
+    row = conn.execute(
+        "SELECT payload FROM telemetry WHERE node_id = ? ORDER BY seq DESC LIMIT 1", (node_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    msg = decode(row[0])
+    return msg if isinstance(msg, Telemetry) else None
+
+
+def node_detail(conn: sqlite3.Connection, node_id: str, now: float, factor: float,
+                min_timeout: float, profiles: dict[str, Profile]) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    if row is None:
+        return None
+    node = _node(row, now, factor, min_timeout, profiles)
+    node["inventory"] = json.loads(row["inventory"]) if row["inventory"] else None
+    latest = _latest(conn, node_id)
+    node["latest"] = None if latest is None else {
+        "seq": latest.seq,
+        "ts": latest.ts,
+        "host": to_plain(latest.host),
+    }
+    node["vms"] = [] if latest is None else [to_plain(g) for g in latest.guests]
+    node["sequence"] = {
+        "telemetry_last_seq": row["telemetry_last_seq"],
+        "events_last_seq": row["events_last_seq"],
+    }
+    node["malformed_messages"] = row["malformed_messages"]
+    node["gaps"] = [
+        {"channel": c, "first_seq": a, "last_seq": b, "missing": b - a + 1,
+         "detected_at": _iso(t), "reason": r}
+        for c, a, b, t, r in conn.execute(
+            "SELECT channel, first_seq, last_seq, detected_at, reason FROM gaps"
+            " WHERE node_id = ? ORDER BY channel, first_seq", (node_id,)
+        )
+    ]
+    node["events"] = [
+        {"seq": s, "ts": t, "type": k, "vm_uuid": u, "vm_name": n, "summary": m}
+        for s, t, k, u, n, m in conn.execute(
+            "SELECT seq, ts, type, vm_uuid, vm_name, summary FROM events WHERE node_id = ?"
+            " ORDER BY seq DESC LIMIT 50", (node_id,)
+        )
+    ]
+    return node
+
+
+def telemetry(conn: sqlite3.Connection, node_id: str, since: float | None, until: float | None,
+              metrics: list[str], limit: int) -> dict[str, Any] | None:
+    if conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is None:
+        return None
+    until = time.time() if until is None else until
+    since = until - 3600 if since is None else since
+    rows = conn.execute(
+        "SELECT payload FROM (SELECT seq, payload FROM telemetry WHERE node_id = ? AND ts >= ?"
+        " AND ts <= ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+        (node_id, since, until, limit),
+    ).fetchall()
+    samples = []
+    for (payload,) in rows:
+        msg = decode(payload)
+        if not isinstance(msg, Telemetry):
+            continue
+        if metrics:
+            samples.append({
+                "seq": msg.seq, "ts": msg.ts,
+                "values": {m: getattr(msg.host, m) for m in metrics},
+            })
+        else:
+            samples.append({
+                "seq": msg.seq, "ts": msg.ts, "host": to_plain(msg.host),
+                "vms": [to_plain(g) for g in msg.guests],
+            })
+    wanted = [m for m in metrics if m in fleet.ROLLUP_METRICS] if metrics else fleet.ROLLUP_METRICS
+    placeholders = ",".join("?" * len(wanted))
+    rollups = [
+        {"bucket_start": b, "metric": m, "count": n, "min": lo, "max": hi, "avg": s / n}
+        for b, m, n, lo, hi, s in conn.execute(
+            "SELECT bucket_start, metric, count, min, max, sum FROM telemetry_rollup"
+            f" WHERE node_id = ? AND bucket_start >= ? AND bucket_start <= ?"
+            f" AND metric IN ({placeholders}) ORDER BY bucket_start, metric",
+            (node_id, since, until, *wanted),
+        )
+    ] if wanted else []
+    return {"node": node_id, "since": since, "until": until, "samples": samples,
+            "rollups": rollups}

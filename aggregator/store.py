@@ -1,0 +1,384 @@
+"""The fleet database: the only module of the aggregator that imports sqlite3 / sqlite-utils.
+
+One writer thread owns the write connection and applies everything in batches: telemetry,
+status and events from ingest, and the API's writes (as functions run on that thread). Reads
+run on a small pool of threads, each with its own read-only connection (WAL lets them read
+while the writer writes). Keep the store behind this module so moving to a replicated SQL
+database stays a module, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from agent.wire import LifecycleEvent, Report, Status, Telemetry, TelemetryGap, decode, to_plain
+from aggregator import fleet, migrations
+
+log = logging.getLogger("virt8ra.aggregator.store")
+T = TypeVar("T")
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryIn:
+    node: str
+    seq: int
+    ts: float
+    received_at: float
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatusIn:
+    status: Status
+    received_at: float
+    retained: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EventIn:
+    event: LifecycleEvent | TelemetryGap | Report
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedIn:
+    node: str
+
+
+Ingested = TelemetryIn | StatusIn | EventIn | MalformedIn
+
+
+class _Call:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite_utils.Database], Any]) -> None:
+        self.fn = fn
+        self.future: Future[Any] = Future()
+
+
+_STOP = object()
+
+
+class Store:
+    """Open with :meth:`start`; :meth:`stop` flushes and closes."""
+
+    def __init__(self, path: Path, *, batch_size: int = 2000, queue_max: int = 200_000) -> None:
+        self.path = path
+        self._batch = batch_size
+        self._queue_max = queue_max
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready: Future[None] = Future()
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
+        self._local = threading.local()
+        # Ingest figures (read by /metrics); written only by the writer thread, except `shed`.
+        self.stored_samples = 0
+        self.stored_events = 0
+        self.duplicates = 0
+        self.gaps_detected = 0
+        self.shed = 0
+        self.batches = 0
+        # Writer-thread state: highest sequence number per (node, channel).
+        self._last: dict[tuple[str, str], int] = {}
+        self._shed_nodes: set[str] = set()
+        self._shed_lock = threading.Lock()
+
+    # --- life -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+        self._ready.result()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._q.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        self._readers.shutdown(wait=True)
+
+    # --- the asyncio side -------------------------------------------------------------------
+
+    def ingest(self, item: Ingested) -> bool:
+        """Queue one received message for storage; False if shed because the writer is behind."""
+        if self._q.qsize() >= self._queue_max and isinstance(item, TelemetryIn):
+            with self._shed_lock:
+                self.shed += 1
+                self._shed_nodes.add(item.node)
+            return False
+        self._q.put(item)
+        return True
+
+    @property
+    def backlog(self) -> int:
+        return self._q.qsize()
+
+    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run ``fn(db)`` on the writer thread, inside a transaction, after queued ingest."""
+        call = _Call(fn)
+        self._q.put(call)
+        return await asyncio.wrap_future(call.future)  # type: ignore[no-any-return]
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on a reader thread with its own connection."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read, fn)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is stored."""
+        await self.write(lambda db: None)
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._local.conn = conn
+        return fn(conn)
+
+    # --- the writer thread ------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite_utils.Database(self.path)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            applied = migrations.apply(db)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            for node_id, t_last, e_last in db.execute(
+                "SELECT id, telemetry_last_seq, events_last_seq FROM nodes"
+            ).fetchall():
+                self._last[(node_id, "telemetry")] = t_last
+                self._last[(node_id, "events")] = e_last
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        conn = db.conn
+        stopping = False
+        while not stopping:
+            items = [self._q.get()]
+            while len(items) < self._batch:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            ingest: list[Ingested] = []
+            for item in items:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, _Call):
+                    self._apply(conn, ingest)
+                    ingest = []
+                    self._call(db, item)
+                else:
+                    ingest.append(item)
+            self._apply(conn, ingest)
+        db.conn.close()
+
+    def _call(self, db: sqlite_utils.Database, call: _Call) -> None:
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            with db.conn:
+                result = call.fn(db)
+        except BaseException as exc:
+            call.future.set_exception(exc)
+        else:
+            call.future.set_result(result)
+
+    def _apply(self, conn: sqlite3.Connection, items: list[Ingested]) -> None:
+        if not items:
+            return
+        try:
+            with conn:
+                self._apply_batch(conn, items)
+            self.batches += 1
+        except sqlite3.Error:
+            log.exception("storing a batch of %d messages failed", len(items))
+
+    def _apply_batch(self, conn: sqlite3.Connection, items: list[Ingested]) -> None:
+        telemetry: list[tuple[str, int, float, float, bytes]] = []
+        seen: dict[str, float] = {}
+        touched: set[str] = set()
+        for item in items:
+            if isinstance(item, TelemetryIn):
+                if self._sequence(conn, item.node, "telemetry", item.seq, item.received_at):
+                    telemetry.append(
+                        (item.node, item.seq, item.ts, item.received_at, item.payload)
+                    )
+                seen[item.node] = item.received_at
+                touched.add(item.node)
+            elif isinstance(item, StatusIn):
+                self._status(conn, item)
+            elif isinstance(item, EventIn):
+                self._event(conn, item)
+                seen[item.event.node] = item.received_at
+                touched.add(item.event.node)
+            else:
+                self._ensure_node(conn, item.node)
+                conn.execute(
+                    "UPDATE nodes SET malformed_messages = malformed_messages + 1 WHERE id = ?",
+                    (item.node,),
+                )
+        if telemetry:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO telemetry (node_id, seq, ts, received_at, payload) "
+                "VALUES (?, ?, ?, ?, ?)",
+                telemetry,
+            )
+            stored = conn.total_changes - before
+            self.stored_samples += stored
+            self.duplicates += len(telemetry) - stored
+        if touched:
+            conn.executemany(
+                "UPDATE nodes SET last_seen = max(coalesce(last_seen, 0), ?), "
+                "telemetry_last_seq = ?, events_last_seq = ? WHERE id = ?",
+                [
+                    (
+                        seen[n],
+                        self._last.get((n, "telemetry"), 0),
+                        self._last.get((n, "events"), 0),
+                        n,
+                    )
+                    for n in touched
+                ],
+            )
+
+    def _ensure_node(self, conn: sqlite3.Connection, node: str) -> None:
+        if (node, "telemetry") not in self._last:
+            conn.execute("INSERT OR IGNORE INTO nodes (id) VALUES (?)", (node,))
+            self._last[(node, "telemetry")] = 0
+            self._last[(node, "events")] = 0
+
+    def _sequence(
+        self, conn: sqlite3.Connection, node: str, channel: str, seq: int, now: float
+    ) -> bool:
+        """Track ``seq``; record a gap it reveals or close one it fills. False for a duplicate."""
+        self._ensure_node(conn, node)
+        step = fleet.next_seq(self._last[(node, channel)], seq)
+        self._last[(node, channel)] = step.last
+        if step.gap is not None:
+            with self._shed_lock:
+                shed_here = node in self._shed_nodes
+                self._shed_nodes.discard(node)
+            reason = "shed by the aggregator under load" if shed_here else "not received"
+            conn.execute(
+                "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (node, channel, step.gap[0], step.gap[1], now, reason),
+            )
+            self.gaps_detected += 1
+            return True
+        if step.late:
+            row = conn.execute(
+                "SELECT id, first_seq, last_seq, reason FROM gaps WHERE node_id = ? AND channel = ?"
+                " AND first_seq <= ? AND last_seq >= ?",
+                (node, channel, seq, seq),
+            ).fetchone()
+            if row is None:
+                return True  # a replay: the insert below ignores what is already stored
+            gap_id, first, last, reason = row
+            conn.execute("DELETE FROM gaps WHERE id = ?", (gap_id,))
+            conn.executemany(
+                "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(node, channel, a, b, now, reason) for a, b in fleet.split_gap(first, last, seq)],
+            )
+        return True
+
+    def _status(self, conn: sqlite3.Connection, item: StatusIn) -> None:
+        st = item.status
+        self._ensure_node(conn, st.node)
+        inventory = json.dumps(to_plain(st.inventory)) if st.inventory is not None else None
+        conn.execute(
+            "UPDATE nodes SET reported_status = ?, status_changed_at = ?, "
+            "interval_s = CASE WHEN ? > 0 THEN ? ELSE interval_s END, "
+            "inventory = coalesce(?, inventory), "
+            "last_seen = CASE WHEN ? THEN last_seen ELSE ? END WHERE id = ?",
+            (
+                st.state, item.received_at, st.interval_s, st.interval_s, inventory,
+                item.retained, item.received_at, st.node,
+            ),
+        )
+
+    def _event(self, conn: sqlite3.Connection, item: EventIn) -> None:
+        ev = item.event
+        if not self._sequence(conn, ev.node, "events", ev.seq, item.received_at):
+            return
+        if isinstance(ev, LifecycleEvent):
+            vm_uuid, vm_name = ev.vm_uuid, ev.vm_name
+            summary = f"{ev.vm_name}: {ev.event} ({ev.detail}), now {ev.state}"
+        elif isinstance(ev, TelemetryGap):
+            vm_uuid = vm_name = ""
+            summary = f"telemetry {ev.first_seq}..{ev.last_seq} dropped: {ev.reason}"
+            conn.execute(
+                "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
+                "VALUES (?, 'telemetry', ?, ?, ?, ?)",
+                (ev.node, ev.first_seq, ev.last_seq, item.received_at, ev.reason),
+            )
+        else:
+            vm_uuid = vm_name = ""
+            summary = f"order {ev.order_id}: {ev.state}"
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO events (node_id, seq, ts, received_at, type, vm_uuid, vm_name,"
+            " summary, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ev.node, ev.seq, ev.ts, item.received_at, ev.TYPE, vm_uuid, vm_name, summary,
+                json.dumps(to_plain(ev)),
+            ),
+        )
+        self.stored_events += cur.rowcount
+
+    # --- retention (runs on the writer thread through write()) ------------------------------
+
+    @staticmethod
+    def sweep(db: sqlite_utils.Database, now: float, raw_hours: float, bucket_s: int,
+              rollup_days: float, chunk: int = 5000) -> tuple[int, int]:
+        """Roll up to ``chunk`` raw samples older than ``raw_hours`` into buckets and delete
+        them; drop roll-ups older than ``rollup_days``. Returns (rolled up, roll-ups dropped).
+        One chunk per call, so ingest batches interleave with a long sweep."""
+        conn = db.conn
+        rows = conn.execute(
+            "SELECT node_id, seq, payload FROM telemetry WHERE received_at < ? LIMIT ?",
+            (now - raw_hours * 3600, chunk),
+        ).fetchall()
+        samples = []
+        for node_id, _seq, payload in rows:
+            msg = decode(payload)
+            if isinstance(msg, Telemetry):
+                samples.append((node_id, msg.ts, to_plain(msg.host)))
+        for r in fleet.rollup(samples, bucket_s):
+            conn.execute(
+                "INSERT INTO telemetry_rollup (node_id, bucket_start, metric, count, min, max,"
+                " sum) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, metric, bucket_start)"
+                " DO UPDATE SET count = count + excluded.count, min = min(min, excluded.min),"
+                " max = max(max, excluded.max), sum = sum + excluded.sum",
+                (r.node_id, r.bucket_start, r.metric, r.count, r.min, r.max, r.sum),
+            )
+        conn.executemany(
+            "DELETE FROM telemetry WHERE node_id = ? AND seq = ?",
+            [(node_id, seq) for node_id, seq, _ in rows],
+        )
+        dropped = conn.execute(
+            "DELETE FROM telemetry_rollup WHERE bucket_start < ?", (now - rollup_days * 86400,)
+        ).rowcount
+        return len(rows), dropped
