@@ -106,7 +106,8 @@ class Agent:
                     ts=time.time(),
                     first_seq=dropped.first_seq,
                     last_seq=dropped.last_seq,
-                    reason=f"agent spool full ({dropped.channel})",
+                    reason="agent spool full",
+                    channel=dropped.channel,
                 )
             ),
         )

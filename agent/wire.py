@@ -210,7 +210,8 @@ class LifecycleEvent:
 
 @dataclass(frozen=True, slots=True)
 class TelemetryGap:
-    """The node's spool overflowed: telemetry ``first_seq..last_seq`` is gone for good."""
+    """The node's spool overflowed: messages ``first_seq..last_seq`` of ``channel``
+    (``telemetry`` or ``events``) are gone for good."""
 
     TYPE: typing.ClassVar[str] = "telemetry_gap"
     node: str
@@ -219,6 +220,7 @@ class TelemetryGap:
     first_seq: int
     last_seq: int
     reason: str
+    channel: str = "telemetry"
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,23 @@ def split_gap(first: int, last: int, seq: int) -> list[tuple[int, int]]:
     return parts
 
 
+def subtract(first: int, last: int, covered: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``first..last`` outside every range in ``covered``."""
+    parts = [(first, last)]
+    for a, b in covered:
+        nxt = []
+        for x, y in parts:
+            if b < x or a > y:
+                nxt.append((x, y))
+                continue
+            if x < a:
+                nxt.append((x, a - 1))
+            if b < y:
+                nxt.append((b + 1, y))
+        parts = nxt
+    return parts
+
+
 @dataclass(frozen=True, slots=True)
 class Rollup:
     node_id: str

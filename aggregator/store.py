@@ -28,7 +28,7 @@ from aggregator import fleet, migrations
 
 log = logging.getLogger("virt8ra.aggregator.store")
 T = TypeVar("T")
-Row = dict[str, Any]
+NOT_RECEIVED = "not received"
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +280,8 @@ class Store:
             with self._shed_lock:
                 shed_here = node in self._shed_nodes
                 self._shed_nodes.discard(node)
-            reason = "shed by the aggregator under load" if shed_here else "not received"
-            conn.execute(
-                "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (node, channel, step.gap[0], step.gap[1], now, reason),
-            )
+            reason = "shed by the aggregator under load" if shed_here else NOT_RECEIVED
+            self._record_gap(conn, node, channel, step.gap[0], step.gap[1], now, reason)
             self.gaps_detected += 1
             return True
         if step.late:
@@ -304,6 +300,32 @@ class Store:
                 [(node, channel, a, b, now, reason) for a, b in fleet.split_gap(first, last, seq)],
             )
         return True
+
+    def _record_gap(self, conn: sqlite3.Connection, node: str, channel: str, first: int,
+                    last: int, now: float, reason: str, explained: bool = False) -> None:
+        """Record missing numbers once. A gap the node explains replaces what was only
+        detected as not received; otherwise numbers already recorded are left alone."""
+        rows = conn.execute(
+            "SELECT id, first_seq, last_seq, reason FROM gaps WHERE node_id = ? AND channel = ?"
+            " AND last_seq >= ? AND first_seq <= ?",
+            (node, channel, first, last),
+        ).fetchall()
+        keep: list[tuple[int, int]] = []
+        for gap_id, a, b, why in rows:
+            if explained and why == NOT_RECEIVED:
+                conn.execute("DELETE FROM gaps WHERE id = ?", (gap_id,))
+                conn.executemany(
+                    "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at,"
+                    " reason) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(node, channel, x, y, now, why) for x, y in fleet.subtract(a, b, [(first, last)])],
+                )
+            else:
+                keep.append((a, b))
+        conn.executemany(
+            "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(node, channel, x, y, now, reason) for x, y in fleet.subtract(first, last, keep)],
+        )
 
     def _status(self, conn: sqlite3.Connection, item: StatusIn) -> None:
         st = item.status
@@ -329,12 +351,9 @@ class Store:
             summary = f"{ev.vm_name}: {ev.event} ({ev.detail}), now {ev.state}"
         elif isinstance(ev, TelemetryGap):
             vm_uuid = vm_name = ""
-            summary = f"telemetry {ev.first_seq}..{ev.last_seq} dropped: {ev.reason}"
-            conn.execute(
-                "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
-                "VALUES (?, 'telemetry', ?, ?, ?, ?)",
-                (ev.node, ev.first_seq, ev.last_seq, item.received_at, ev.reason),
-            )
+            summary = f"{ev.channel} {ev.first_seq}..{ev.last_seq} dropped: {ev.reason}"
+            self._record_gap(conn, ev.node, ev.channel, ev.first_seq, ev.last_seq,
+                             item.received_at, ev.reason, explained=True)
         else:
             vm_uuid = vm_name = ""
             summary = f"order {ev.order_id}: {ev.state}"

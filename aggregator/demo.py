@@ -1,0 +1,246 @@
+"""``virt8ra demo``: the whole system on one machine, no hypervisor needed.
+
+A managed Mosquitto with mutual TLS, the aggregator, and N agents, each enrolled through the
+real path (token from the API → ``virt8ra-agent enroll`` → CSR → certificate) and each managing
+its own libvirt test-driver host made from a hardware profile, spread over several countries
+and providers. Runs until interrupted, then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.client import ApiClient, ApiClientError
+from aggregator.config import Layout
+
+# (country, provider, site, profile): a fleet spread over providers and countries.
+FLEET: tuple[tuple[str, str, str, str], ...] = (
+    ("SI", "telekom-slovenije", "ljubljana-tower-7", "tower-5g"),
+    ("DE", "deutsche-telekom", "munich-mdc-2", "edge-server"),
+    ("FR", "ovhcloud", "roubaix-rack-14", "rack-server"),
+    ("AT", "a1-telekom", "graz-tower-3", "tower-5g"),
+    ("IT", "aruba", "milan-mdc-1", "edge-server"),
+    ("NL", "leaseweb", "amsterdam-rack-2", "rack-server"),
+    ("HR", "hrvatski-telekom", "zagreb-tower-12", "tower-5g"),
+    ("ES", "telefonica", "madrid-mdc-4", "edge-server"),
+)
+
+
+@dataclass(frozen=True)
+class DemoNode:
+    id: str
+    country: str
+    provider: str
+    site: str
+    profile: str
+
+
+def demo_nodes(n: int) -> list[DemoNode]:
+    nodes = []
+    for i in range(n):
+        country, provider, site, profile = FLEET[i % len(FLEET)]
+        number = i // len(FLEET) + 1
+        kind = {"tower-5g": "tower", "edge-server": "edge", "rack-server": "rack"}[profile]
+        nodes.append(DemoNode(f"{country.lower()}-{kind}-{number:02d}", country, provider, site,
+                              profile))
+    return nodes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+class Demo:
+    def __init__(self, data_dir: Path, nodes: int, api_port: int, broker_port: int,
+                 interval_s: float, console: Console) -> None:
+        self.dir = data_dir.resolve()
+        self.layout = Layout(self.dir)
+        self.nodes = demo_nodes(nodes)
+        self.api_port = api_port
+        self.broker_port = broker_port or free_port()
+        self.interval_s = interval_s
+        self.console = console
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        self.procs[name] = proc
+        return proc
+
+    def _run(self, argv: list[str]) -> None:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:4])} failed: {result.stderr.strip()}")
+
+    def start(self) -> ApiClient:
+        py = sys.executable
+        if not self.layout.config.exists():
+            self.console.print(f"initialising [bold]{self.dir}[/]")
+            self._run([py, "-m", "aggregator", "init", "--data-dir", str(self.dir),
+                       "--api-port", str(self.api_port), "--broker-port", str(self.broker_port)])
+        else:
+            self.console.print(f"reusing [bold]{self.dir}[/] (already initialised)")
+        self._spawn("aggregator", [py, "-m", "aggregator", "serve", "--data-dir", str(self.dir)])
+        api = ApiClient(f"http://127.0.0.1:{self.api_port}",
+                        self.layout.admin_token.read_text().strip())
+        self._wait_healthy(api)
+        for node in self.nodes:
+            self._start_agent(api, node)
+        return api
+
+    def _wait_healthy(self, api: ApiClient, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                api.get("/healthz")
+                return
+            except ApiClientError:
+                proc = self.procs["aggregator"]
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the aggregator did not start; see {self.dir / 'logs/aggregator.log'}"
+                    ) from None
+                time.sleep(0.2)
+
+    def _start_agent(self, api: ApiClient, node: DemoNode) -> None:
+        home = self.dir / "nodes" / node.id
+        config = home / "etc" / "agent.toml"
+        py = sys.executable
+        if not config.exists():
+            grant = api.post("/api/v1/enrollment-tokens", {
+                "site": node.site, "country": node.country, "provider": node.provider,
+                "profile": node.profile, "ttl_seconds": 600,
+            })
+            self._run([
+                py, "-m", "agent", "enroll", "--aggregator", api.base_url,
+                "--token", grant["token"], "--ca-fingerprint", grant["ca_fingerprint"],
+                "--node-id", node.id, "--config-dir", str(home / "etc"),
+                "--state-dir", str(home / "state"), "--simulate", node.profile,
+                "--interval", str(self.interval_s),
+            ])
+            self.console.print(f"  enrolled [cyan]{node.id}[/] ({node.profile}, {node.site}, "
+                               f"{node.country}, {node.provider})")
+        self._spawn(node.id, [py, "-m", "agent", "run", "--config", str(config)])
+
+    def wait_online(self, api: ApiClient, timeout_s: float = 30) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            nodes: list[dict[str, object]] = api.get("/api/v1/nodes")["nodes"]
+            wanted = {n.id for n in self.nodes}
+            online = {str(n["id"]) for n in nodes if n["status"] == "online"}
+            if wanted <= online or time.monotonic() > deadline:
+                return nodes
+            time.sleep(0.3)
+
+    def supervise(self) -> None:
+        """Block until interrupted; report children that die."""
+        reported: set[str] = set()
+        while True:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and name not in reported:
+                    reported.add(name)
+                    self.console.print(f"[red]{name} exited ({proc.returncode}); see "
+                                       f"{self.dir / 'logs' / (name + '.log')}[/]")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        agents = [p for n, p in self.procs.items() if n != "aggregator"]
+        for proc in [*agents, self.procs.get("aggregator")]:
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            if proc is self.procs.get("aggregator"):
+                for p in agents:  # agents first, so each says offline itself
+                    _wait(p)
+        for proc in self.procs.values():
+            _wait(proc)
+        for log in self._logs:
+            log.close()
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _summary(console: Console, nodes: list[dict[str, object]]) -> None:
+    table = Table(title="virt8ra demo fleet")
+    for col in ("node", "status", "country", "provider", "site", "profile", "cpus", "memory"):
+        table.add_column(col)
+    for n in nodes:
+        cap = n.get("capacity") or {}
+        assert isinstance(cap, dict)
+        mem = cap.get("memory_bytes")
+        table.add_row(
+            str(n["id"]), str(n["status"]), str(n["country"]), str(n["provider"]), str(n["site"]),
+            str(n["profile"]), str(cap.get("cpus", "")),
+            f"{int(mem) // 2**30} GiB" if isinstance(mem, int) else "",
+        )
+    console.print(table)
+
+
+def run_demo(data_dir: Path, nodes: int, api_port: int, broker_port: int = 0,
+             interval_s: float = 2.0) -> int:
+    console = Console()
+    if nodes < 1:
+        console.print("[red]--nodes must be at least 1[/]")
+        return 2
+    demo = Demo(data_dir, nodes, api_port, broker_port, interval_s, console)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        api = demo.start()
+        _summary(console, demo.wait_online(api))
+        token_file = demo.layout.admin_token
+        print(
+            f"\nAPI: http://127.0.0.1:{api_port}  (admin token in {token_file})\n"
+            f"  curl -H \"Authorization: Bearer $(cat {token_file})\" "
+            f"127.0.0.1:{api_port}/api/v1/nodes\n"
+            f"  VIRT8RA_API=http://127.0.0.1:{api_port} VIRT8RA_TOKEN=$(cat {token_file}) "
+            f"virt8ra nodes\n"
+            f"logs in {demo.dir / 'logs'}; Ctrl-C stops everything.",
+            flush=True,
+        )
+        demo.supervise()
+    except (KeyboardInterrupt, _Stop):
+        console.print("\nstopping…")
+    except (RuntimeError, ApiClientError) as exc:
+        console.print(f"[red]demo failed: {exc}[/]")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        demo.stop()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    console.print("stopped")
+    return 0
+

@@ -1,0 +1,164 @@
+"""Real parts for tests: a fleet data directory, Mosquitto, the aggregator and agents as
+processes. Each part is stopped by the pid it was started with."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent import configfile
+from agent.enroll import EnrollOptions, enroll
+from aggregator import service
+from aggregator.client import ApiClient
+from aggregator.config import Layout
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.1,
+             what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class Process:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log = log
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self.env or {})},
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Fleet:
+    """An initialised aggregator data directory with its own ports."""
+
+    dir: Path
+    api_port: int
+    broker_port: int
+    admin_token: str
+    ca_fingerprint: str
+    layout: Layout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = Layout(self.dir)
+
+    @classmethod
+    def create(cls, directory: Path, *, managed_broker: bool = False,
+               overrides: dict[str, dict[str, Any]] | None = None) -> Fleet:
+        api_port, broker_port = free_port(), free_port()
+        result = service.init(directory, api_port=api_port, broker_port=broker_port)
+        layout = Layout(directory)
+        with layout.config.open("rb") as fh:
+            table = tomllib.load(fh)
+        table["broker"]["managed"] = managed_broker
+        table.setdefault("liveness", {}).update({"min_timeout_s": 2.0})
+        for section, values in (overrides or {}).items():
+            table.setdefault(section, {}).update(values)
+        layout.config.write_text(configfile.dump_toml(table))
+        return cls(directory, api_port, broker_port, result.admin_token, result.ca_fingerprint)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def api(self, token: str | None = None) -> ApiClient:
+        return ApiClient(self.url, token or self.admin_token)
+
+    def broker(self) -> Process:
+        conf = self.layout.broker / "mosquitto.conf"
+        return Process(["mosquitto", "-c", str(conf)], self.dir / "logs" / "broker.log")
+
+    def aggregator(self) -> Process:
+        return Process([sys.executable, "-m", "aggregator", "serve", "--data-dir", str(self.dir)],
+                       self.dir / "logs" / "aggregator.log")
+
+    def enroll_node(self, node_id: str, *, profile: str = "tower-5g", country: str = "SI",
+                    provider: str = "telekom-slovenije", site: str = "ljubljana-tower-7",
+                    interval_s: float = 0.5) -> Path:
+        """Enroll a simulated node through the real HTTP path; returns its agent config."""
+        grant = self.api().post("/api/v1/enrollment-tokens", {
+            "site": site, "country": country, "provider": provider, "profile": profile,
+        })
+        home = self.dir / "nodes" / node_id
+        return enroll(EnrollOptions(
+            aggregator=self.url, token=grant["token"], node_id=node_id,
+            config_dir=home / "etc", state_dir=home / "state",
+            ca_fingerprint=grant["ca_fingerprint"], simulate_profile=profile,
+            interval_s=interval_s,
+        ))
+
+    def agent(self, node_id: str) -> Process:
+        config = self.dir / "nodes" / node_id / "etc" / "agent.toml"
+        return Process([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                       self.dir / "logs" / f"{node_id}.log")
+
+    def node(self, node_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.api().get(f"/api/v1/nodes/{node_id}")
+        return result
+
+    def wait_healthy(self) -> None:
+        def healthy() -> bool:
+            try:
+                self.api().get("/healthz")
+                return True
+            except Exception:
+                return False
+
+        wait_for(healthy, what="the aggregator's API")
