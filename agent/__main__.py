@@ -1,1 +1,5 @@
-from agent.cli import main; import sys; sys.exit(main())
+import sys
+
+from agent.cli import main
+
+sys.exit(main())

@@ -53,7 +53,8 @@ def _check(value: Any, tp: Any, file: Path | str, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(file, key, "expected a table")
-        return {str(k): _check(v, typing.get_args(tp)[1], file, f"{key}.{k}") for k, v in value.items()}
+        item_type = typing.get_args(tp)[1]
+        return {str(k): _check(v, item_type, file, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(typing.cast(type, tp), value, file, key)
     raise TypeError(f"unsupported config type {tp!r}")

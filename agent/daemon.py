@@ -6,6 +6,7 @@ The agent keeps sampling while the uplink is down: everything goes through the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -18,7 +19,15 @@ from agent.sampler import HostSampler
 from agent.spool import Dropped, Spool
 from agent.tls import client_context
 from agent.uplink import Uplink, UplinkSettings
-from agent.wire import GuestSample, Inventory, LifecycleEvent, Telemetry, TelemetryGap, encode
+from agent.wire import (
+    GuestSample,
+    HostSample,
+    Inventory,
+    LifecycleEvent,
+    Telemetry,
+    TelemetryGap,
+    encode,
+)
 
 log = logging.getLogger("virt8ra.agent")
 
@@ -120,14 +129,8 @@ class Agent:
         while not self.stop.is_set():
             host = self.sampler.sample()
             guests = await self._guest_samples()
-            ts = time.time()
-            await self._append(
-                "telemetry",
-                lambda seq: encode(
-                    Telemetry(node=node, seq=seq, ts=ts, interval_s=interval, host=host,
-                              guests=guests)
-                ),
-            )
+            make = _telemetry(node, time.time(), interval, host, guests)
+            await self._append("telemetry", make)
             if watchdog is not None:
                 sdnotify.notify("WATCHDOG=1")
             next_at += interval
@@ -136,10 +139,8 @@ class Agent:
                 next_at, delay = time.monotonic(), 0
             if watchdog is not None:
                 delay = min(delay, watchdog)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     async def _guest_samples(self) -> tuple[GuestSample, ...]:
         hv = self.hypervisor
@@ -175,6 +176,15 @@ class Agent:
                     )
                 ),
             )
+
+
+def _telemetry(node: str, ts: float, interval: float, host: HostSample,
+               guests: tuple[GuestSample, ...]) -> Callable[[int], bytes]:
+    def make(seq: int) -> bytes:
+        return encode(Telemetry(node=node, seq=seq, ts=ts, interval_s=interval, host=host,
+                                guests=guests))
+
+    return make
 
 
 def run(config: AgentConfig) -> None:

@@ -154,7 +154,8 @@ def enroll(opts: EnrollOptions) -> Path:
                 f"the aggregator's CA is {_fingerprint(ca)}, not the pinned "
                 f"{opts.ca_fingerprint}: wrong aggregator or wrong fingerprint; nothing written"
             )
-        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
             raise EnrollError("the certificate returned is not for this node's key")
         (staging / "node.key").write_bytes(
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -106,7 +106,9 @@ class Spool:
         return await self._run(op)
 
     def _enforce_bound(self, db: sqlite3.Connection, channel: str) -> Dropped | None:
-        (count,) = db.execute("SELECT count(*) FROM outbox WHERE channel = ?", (channel,)).fetchone()
+        (count,) = db.execute(
+            "SELECT count(*) FROM outbox WHERE channel = ?", (channel,)
+        ).fetchone()
         excess = count - self._max
         if excess <= 0:
             return None

@@ -9,6 +9,7 @@ reconnects with exponential backoff and full jitter; the spool keeps filling mea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -41,7 +42,7 @@ class UplinkSettings:
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rand: float) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(max, initial * 2**attempt)]."""
-    return rand * min(maximum, initial * (2 ** min(attempt, 32)))
+    return float(rand * min(maximum, initial * (2.0 ** min(attempt, 32))))
 
 
 class Uplink:
@@ -109,10 +110,8 @@ class Uplink:
                 attempt, self._s.backoff_initial_s, self._s.backoff_max_s, random.random()
             )
             attempt += 1
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.05))
-            except TimeoutError:
-                pass
 
     async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Publish spooled messages in order until ``stop``; raises MqttError on link loss."""
@@ -128,5 +127,5 @@ class Uplink:
                 await self._spool.remove([p.id for p in window])
 
     async def _publish(self, client: aiomqtt.Client, pending: Pending) -> None:
-        channel = "telemetry" if pending.channel == "telemetry" else "events"
-        await client.publish(topic(self._s.node, channel), pending.payload, qos=1)
+        name = topic(self._s.node, "telemetry" if pending.channel == "telemetry" else "events")
+        await client.publish(name, pending.payload, qos=1)

@@ -471,7 +471,7 @@ def parse_topic(name: str) -> tuple[str, Channel]:
     parts = name.split("/")
     if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_PREFIX or parts[3] not in CHANNELS:
         raise ProtocolError("topic", f"{name!r} is not a virt8ra node topic")
-    return validate_node_id(parts[2]), typing.cast(Channel, parts[3])
+    return validate_node_id(parts[2]), parts[3]
 
 
 CHANNEL_OF: Final[dict[str, Channel]] = {

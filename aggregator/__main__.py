@@ -1,1 +1,5 @@
-from aggregator.cli import main; import sys; sys.exit(main())
+import sys
+
+from aggregator.cli import main
+
+sys.exit(main())

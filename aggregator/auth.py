@@ -16,7 +16,7 @@ def create_api_token(db: sqlite_utils.Database, role: str, name: str, now: float
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     token = "v8a_" + secrets.token_urlsafe(32)
-    db["api_tokens"].insert(
+    db.table("api_tokens").insert(
         {"name": name, "role": role, "token_hash": hash_secret(token), "created_at": now}
     )
     return token

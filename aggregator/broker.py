@@ -8,6 +8,7 @@ and the CRL (reloaded on SIGHUP, no restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
@@ -125,10 +126,8 @@ class BrokerSupervisor:
                 return
             log.error("broker exited with %s; restarting in %.1f s", self.process.returncode, delay)
             self.restarts += 1
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
             delay = min(delay * 2, 30.0)
 
     async def terminate(self) -> None:

@@ -18,7 +18,6 @@ CONFIG_NAME = "aggregator.toml"
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8480
-    public_url: str = ""  # what nodes use to reach this API for enrollment; default from host/port
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -30,9 +29,6 @@ class ApiConfig:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host == "localhost"
-
-    def url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,6 @@ class BrokerConfig:
 class IngestConfig:
     client_id: str = "aggregator"
     batch_size: int = 2000
-    flush_interval_s: float = 0.05
     queue_max: int = 200_000  # past this, messages are shed and counted, never silently lost
 
 

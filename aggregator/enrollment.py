@@ -57,7 +57,7 @@ def create_token(
 ) -> dict[str, Any]:
     token = "v8e_" + secrets.token_urlsafe(24)
     expires_at = now + ttl_s
-    db["enrollment_tokens"].insert(
+    db.table("enrollment_tokens").insert(
         {
             "token_hash": hash_secret(token),
             "site": scope.site,

@@ -10,6 +10,7 @@ visibly: counted, and recorded as a gap when the node's next number arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -131,7 +132,7 @@ class Ingest:
                     attempt = 0
                     self.counters.connects += 1
                     for channel in ("status", "telemetry", "events"):
-                        await client.subscribe(subscription(channel), qos=1)  # type: ignore[arg-type]
+                        await client.subscribe(subscription(channel), qos=1)
                     self.connected.set()
                     log.info("ingest subscribed at %s:%d", self._host, self._port)
                     await _until_disconnected(client, stop)
@@ -141,16 +142,14 @@ class Ingest:
                 self.connected.clear()
             delay = random.random() * min(30.0, 0.5 * 2**attempt)
             attempt += 1
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.1))
-            except TimeoutError:
-                pass
 
 
 async def _until_disconnected(client: aiomqtt.Client, stop: asyncio.Event) -> None:
     """Return when ``stop`` is set; raise MqttError when the connection drops."""
-    disconnected = client._disconnected  # aiomqtt's own future for the connection's end
-    stopper = asyncio.ensure_future(stop.wait())
+    disconnected: asyncio.Future[Any] = client._disconnected  # aiomqtt's future for the end
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({stopper, disconnected}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -14,7 +14,9 @@ from prometheus_client.registry import Collector
 FIGURES: Final = {
     "virt8ra_ingest_received": ("counter", "MQTT messages received by ingest"),
     "virt8ra_ingest_malformed": ("counter", "Messages dropped because they broke the contract"),
-    "virt8ra_ingest_shed": ("counter", "Telemetry shed because storage fell behind (gaps recorded)"),
+    "virt8ra_ingest_shed": (
+        "counter", "Telemetry shed because storage fell behind (gaps recorded)"
+    ),
     "virt8ra_ingest_connects": ("counter", "Ingest connections to the broker"),
     "virt8ra_store_samples": ("counter", "Telemetry samples stored"),
     "virt8ra_store_events": ("counter", "Events stored"),

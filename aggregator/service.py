@@ -7,6 +7,7 @@ HTTP API, plus the systemd watchdog when systemd asks for one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlite_utils
 from aiohttp import web
 
 from agent import configfile, sdnotify
@@ -48,7 +50,7 @@ def init(data_dir: Path, *, api_host: str = "127.0.0.1", api_port: int = 8480,
     if layout.config.exists():
         raise InitError(f"{data_dir} is already initialised ({layout.config} exists)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(data_dir, 0o755)
+    os.chmod(data_dir, 0o755)  # noqa: S103 - the broker's user must reach broker/ inside
     table = {
         "api": {"host": api_host, "port": api_port},
         "broker": {"managed": True, "host": "127.0.0.1", "port": broker_port,
@@ -173,21 +175,20 @@ class Aggregator:
         r = self.config.retention
         while not self.stop.is_set():
             now, chunk, total = time.time(), 5000, 0
+
+            def sweep(db: sqlite_utils.Database, now: float = now, chunk: int = chunk
+                      ) -> tuple[int, int]:
+                return Store.sweep(db, now, r.raw_hours, r.rollup_bucket_s, r.rollup_days, chunk)
+
             while not self.stop.is_set():
-                rolled, _ = await self.store.write(
-                    lambda db: Store.sweep(
-                        db, now, r.raw_hours, r.rollup_bucket_s, r.rollup_days, chunk
-                    )
-                )
+                rolled, _ = await self.store.write(sweep)
                 total += rolled
                 if rolled < chunk:
                     break
             if total:
                 log.info("retention: rolled up %d samples", total)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=r.sweep_interval_s)
-            except TimeoutError:
-                pass
 
     async def _watchdog(self) -> None:
         interval = sdnotify.watchdog_interval_s()
@@ -196,10 +197,8 @@ class Aggregator:
         while not self.stop.is_set():
             await self.store.flush()  # the writer thread is alive and keeping up
             sdnotify.notify("WATCHDOG=1")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
 
 
 def serve(data_dir: Path) -> None:

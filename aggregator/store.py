@@ -130,7 +130,8 @@ class Store:
         """Run ``fn(db)`` on the writer thread, inside a transaction, after queued ingest."""
         call = _Call(fn)
         self._q.put(call)
-        return await asyncio.wrap_future(call.future)  # type: ignore[no-any-return]
+        result: T = await asyncio.wrap_future(call.future)
+        return result
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on a reader thread with its own connection."""
@@ -317,7 +318,8 @@ class Store:
                 conn.executemany(
                     "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at,"
                     " reason) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(node, channel, x, y, now, why) for x, y in fleet.subtract(a, b, [(first, last)])],
+                    [(node, channel, x, y, now, why)
+                     for x, y in fleet.subtract(a, b, [(first, last)])],
                 )
             else:
                 keep.append((a, b))
