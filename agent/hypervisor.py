@@ -162,6 +162,22 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _wrap(exc) from None
 
+    async def change_state(self, vm_uuid: str, action: str) -> None:
+        """``start``, ``suspend``, ``resume``, ``shutdown`` or ``destroy`` one guest."""
+        methods = {"start": "create", "suspend": "suspend", "resume": "resume",
+                   "shutdown": "shutdown", "destroy": "destroy"}
+        if action not in methods:
+            raise ValueError(f"unknown action {action!r}")
+
+        def op() -> None:
+            try:
+                dom = self._conn.lookupByUUIDString(vm_uuid)
+                getattr(dom, methods[action])()
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+
+        await asyncio.to_thread(op)
+
     def watch_lifecycle(self, deliver: Callable[[DomainEvent], None]) -> None:
         """Call ``deliver`` on the loop for every domain lifecycle event from now on."""
 

@@ -3,23 +3,31 @@ libvirt test-driver hosts from the hardware profiles, a running fleet rig."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from agent.profiles import Profile, default_profiles_dir, load_profiles
+from aggregator.api import Services, make_app
+from aggregator.auth import ROLES, create_api_token
 from aggregator.pki import CertificateAuthority
+from aggregator.store import Store
 
 
 @pytest.fixture(scope="session")
 def root_dir() -> Iterator[Path]:
     """A temp directory the broker's user can reach (pytest's own is 0700)."""
     path = Path(tempfile.mkdtemp(prefix="virt8ra-tests-", dir="/tmp"))
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o755)  # noqa: S103 - the broker's user must reach it
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -27,7 +35,7 @@ def root_dir() -> Iterator[Path]:
 @pytest.fixture
 def workdir(root_dir: Path, request: pytest.FixtureRequest) -> Path:
     path = Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=root_dir))
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o755)  # noqa: S103 - the broker's user must reach it
     return path
 
 
@@ -50,3 +58,45 @@ def foreign_pki(root_dir: Path) -> CertificateAuthority:
     ca = CertificateAuthority(root_dir / "foreign-ca")
     ca.create(name="someone else's CA")
     return ca
+
+
+@dataclass
+class Api:
+    client: TestClient  # type: ignore[type-arg]
+    tokens: dict[str, str]
+    store: Store
+
+    async def call(self, method: str, path: str, token: str | None = None,
+                   body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else (None if body is None else json.dumps(body))
+        resp = await self.client.request(method, path, headers=headers, data=data)
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            return resp.status, text
+
+
+@pytest.fixture(scope="session")
+async def api(root_dir: Path, pki: CertificateAuthority,
+              profiles: dict[str, Profile]) -> AsyncIterator[Api]:
+    store = Store(root_dir / "api.sqlite")
+    store.start()
+    now = time.time()
+    tokens = {}
+    for role in ROLES:
+        tokens[role] = await store.write(
+            lambda db, role=role: create_api_token(db, role, f"test {role}", now))
+    await store.write(lambda db: db.execute(
+        "INSERT INTO nodes (id, site, country, provider, profile) VALUES"
+        " ('si-tower-01', 'ljubljana-tower-7', 'SI', 'telekom-slovenije', 'tower-5g')"))
+    services = Services(
+        store=store, ca=pki, profiles=profiles, heartbeat_factor=3.0, min_timeout_s=5.0,
+        cert_days=1.0, broker_host="127.0.0.1", broker_port=8883, metrics=lambda: {},
+    )
+    client = TestClient(TestServer(make_app(services), host="127.0.0.1"))
+    await client.start_server()
+    yield Api(client, tokens, store)
+    await client.close()
+    store.stop()

@@ -1,0 +1,122 @@
+"""The REST API over real HTTP on loopback, with a real store: roles, OpenAPI, bad input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aggregator.api import ROUTES
+from aggregator.auth import ROLES
+from tests.conftest import Api
+
+
+TOKEN_BODY = {"site": "graz-tower-3", "country": "AT", "provider": "a1-telekom",
+              "profile": "tower-5g", "ttl_seconds": 600}
+# A valid request for every route: the role matrix below must cover each one.
+EXAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
+    ("GET", "/healthz"): ("/healthz", None),
+    ("GET", "/metrics"): ("/metrics", None),
+    ("GET", "/api/v1/openapi.json"): ("/api/v1/openapi.json", None),
+    ("GET", "/api/v1/nodes"): ("/api/v1/nodes", None),
+    ("GET", "/api/v1/nodes/{id}"): ("/api/v1/nodes/si-tower-01", None),
+    ("GET", "/api/v1/nodes/{id}/telemetry"): ("/api/v1/nodes/si-tower-01/telemetry", None),
+    ("POST", "/api/v1/enrollment-tokens"): ("/api/v1/enrollment-tokens", TOKEN_BODY),
+    ("POST", "/api/v1/enroll"): ("/api/v1/enroll", None),  # authorised by its body instead
+    ("POST", "/api/v1/api-tokens"): ("/api/v1/api-tokens", {"role": "viewer", "name": "x"}),
+}
+
+
+def test_every_route_has_an_example_and_is_documented() -> None:
+    assert {(r.method, r.path) for r in ROUTES} == set(EXAMPLES)
+
+
+async def test_openapi_describes_every_route_that_exists(api: Api) -> None:
+    status, doc = await api.call("GET", "/api/v1/openapi.json", api.tokens["viewer"])
+    assert status == 200
+    assert doc["openapi"].startswith("3.")
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    served = {
+        (route.method, route.resource.canonical)
+        for route in api.client.server.app.router.routes()  # type: ignore[union-attr]
+        if route.method != "HEAD" and route.resource is not None
+    }
+    assert documented == served
+
+
+MATRIX = [(r, role) for r in ROUTES for role in (*ROLES, None, "bogus")]
+
+
+@pytest.mark.parametrize(("route", "role"), MATRIX,
+                         ids=[f"{r.method} {r.path} as {role}" for r, role in MATRIX])
+async def test_role_matrix(api: Api, route: Any, role: str | None) -> None:
+    path, body = EXAMPLES[(route.method, route.path)]
+    token = api.tokens.get(role, "v8a_not-a-token") if role else None
+    status, answer = await api.call(route.method, path, token, body)
+    if not route.roles:
+        assert status != 401 and status != 403 or route.path == "/api/v1/enroll"
+        return
+    if role is None or role == "bogus":
+        assert status == 401
+        assert answer["error"]["code"] == "unauthorized"
+    elif role in route.roles:
+        assert 200 <= status < 300, answer
+    else:
+        assert status == 403
+        assert answer["error"]["code"] == "forbidden"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "status", "code"),
+    [
+        ("POST", "/api/v1/enrollment-tokens", b"{not json", 400, "invalid_json"),
+        ("POST", "/api/v1/enrollment-tokens", b"[1, 2]", 400, "invalid_request"),
+        ("POST", "/api/v1/enrollment-tokens",
+         json.dumps({**TOKEN_BODY, "country": "Slovenia"}).encode(), 400, "invalid_country"),
+        ("POST", "/api/v1/enrollment-tokens",
+         json.dumps({**TOKEN_BODY, "profile": "toaster"}).encode(), 400, "unknown_profile"),
+        ("POST", "/api/v1/enrollment-tokens",
+         json.dumps({**TOKEN_BODY, "ttl_seconds": True}).encode(), 400, "invalid_request"),
+        ("POST", "/api/v1/enroll", b"\xff\xfe", 400, "invalid_json"),
+        ("POST", "/api/v1/enroll", json.dumps({"token": "x", "node_id": "Bad Id",
+                                                "csr": "x"}).encode(), 400, "invalid_node_id"),
+        ("POST", "/api/v1/enroll", json.dumps({"token": "x", "node_id": "n1",
+                                                "csr": "x"}).encode(), 403, "invalid_token"),
+        ("GET", "/api/v1/nodes/nope", b"", 404, "not_found"),
+        ("GET", "/api/v1/nodes/si-tower-01/telemetry?since=yesterday", b"", 400,
+         "invalid_query"),
+        ("GET", "/api/v1/nodes/si-tower-01/telemetry?metric=nope", b"", 400, "invalid_query"),
+        ("GET", "/api/v1/nodes/si-tower-01/telemetry?limit=0", b"", 400, "invalid_query"),
+        ("GET", "/api/v1/nodes/nope/telemetry", b"", 404, "not_found"),
+        ("GET", "/api/v1/no-such-route", b"", 404, "not_found"),
+        ("DELETE", "/api/v1/nodes", b"", 405, "method_not_allowed"),
+    ],
+)
+async def test_bad_input_gets_a_clear_json_error(api: Api, method: str, path: str, raw: bytes,
+                                                 status: int, code: str) -> None:
+    got, answer = await api.call(method, path, api.tokens["admin"], raw=raw)
+    assert got == status, answer
+    assert answer["error"]["code"] == code
+    assert answer["error"]["message"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = st.sampled_from(["site", "country", "provider", "profile", "ttl_seconds", "token",
+                          "node_id", "csr", "inventory", "role", "name"])
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/api/v1/enrollment-tokens", "/api/v1/enroll",
+                             "/api/v1/api-tokens"]),
+       body=JSON | st.dictionaries(FIELDS, JSON, max_size=6))
+async def test_no_request_body_yields_a_500(api: Api, path: str, body: Any) -> None:
+    status, _ = await api.call("POST", path, api.tokens["admin"], body)
+    assert status < 500
