@@ -92,7 +92,7 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 async def _inventory(uri: str, profile: str) -> dict[str, Any]:
     try:
-        hv = await Hypervisor.open(uri)
+        hv = await Hypervisor.open(uri, events=False)
     except HypervisorError as exc:
         raise EnrollError(f"cannot reach libvirt at {uri}: {exc}; is libvirtd running?") from None
     try:

@@ -79,16 +79,14 @@ def _wrap(exc: libvirt.libvirtError) -> HypervisorError:
     return HypervisorError(exc.get_error_message() or str(exc), exc.get_error_code() or 0)
 
 
-_event_loop_registered = False
-
-
 def register_event_loop() -> None:
-    """Hook libvirt's event loop into the running asyncio loop (once per process)."""
-    global _event_loop_registered
-    if not _event_loop_registered:
-        libvirt.registerErrorHandler(lambda *_: None, None)
+    """Hook libvirt's events into the running asyncio loop. libvirt takes one event loop
+    implementation per process, for good: a second loop cannot receive events."""
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None:
         libvirtaio.virEventRegisterAsyncIOImpl()
-        _event_loop_registered = True
+    elif impl.loop is not asyncio.get_running_loop():
+        raise HypervisorError("libvirt events are already bound to another asyncio loop")
 
 
 class Hypervisor:
@@ -100,8 +98,11 @@ class Hypervisor:
         self._callback_id: int | None = None
 
     @classmethod
-    async def open(cls, uri: str) -> Hypervisor:
-        register_event_loop()
+    async def open(cls, uri: str, *, events: bool = True) -> Hypervisor:
+        """Connect to ``uri``; with ``events``, lifecycle events can be watched."""
+        libvirt.registerErrorHandler(lambda *_: None, None)
+        if events:
+            register_event_loop()
         try:
             conn = await asyncio.to_thread(libvirt.open, uri)
         except libvirt.libvirtError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent import configfile
 
-PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 KNOWN_CPU_FLAGS = frozenset({"vmx", "svm", "aes", "avx", "avx2", "sse4_2", "pdpe1gb", "ept", "npt"})
 
 
@@ -64,7 +64,7 @@ class Profile:
     simulation: Simulation = field(default_factory=Simulation)
 
     def __post_init__(self) -> None:
-        if not PROFILE_NAME.match(self.name):
+        if not PROFILE_NAME.fullmatch(self.name):
             raise ValueError(f"name: {self.name!r} is not a profile name (lower-case DNS label)")
         if self.reserved.memory_mib >= self.requires.memory_mib:
             raise ValueError("reserved.memory_mib must leave memory for guests")

@@ -29,7 +29,7 @@ import msgpack
 PROTOCOL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = frozenset({1})
 TOPIC_PREFIX: Final = "v8/nodes"
-NODE_ID_PATTERN: Final = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+NODE_ID_PATTERN: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 RESERVED_NODE_IDS: Final = frozenset({"aggregator"})
 MAX_PAYLOAD_BYTES: Final = 1 << 20
 
@@ -47,7 +47,7 @@ class ProtocolError(ValueError):
 
 def validate_node_id(node_id: str) -> str:
     """Return ``node_id`` if it can name a node (a DNS label, not reserved), else raise."""
-    if not isinstance(node_id, str) or not NODE_ID_PATTERN.match(node_id):
+    if not isinstance(node_id, str) or not NODE_ID_PATTERN.fullmatch(node_id):
         raise ProtocolError("node", f"{node_id!r} is not a node id (lower-case DNS label)")
     if node_id in RESERVED_NODE_IDS:
         raise ProtocolError("node", f"{node_id!r} is reserved")
@@ -266,6 +266,8 @@ def _to_plain(value: Any) -> Any:
         return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, tuple | list):
         return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
     return value
 
 
@@ -282,9 +284,17 @@ def encode(msg: Message) -> bytes:
     if MESSAGE_TYPES.get(getattr(cls, "TYPE", "")) is not cls:
         raise TypeError(f"not a wire message: {cls.__name__}")
     body = _to_plain(msg)
+    try:  # what we send must be what every peer accepts
+        _DECODERS[cls.TYPE](body)
+        validate_node_id(msg.node)
+    except ProtocolError as exc:
+        raise TypeError(f"malformed {cls.TYPE} message: {exc}") from None
     body["v"] = PROTOCOL_VERSION
     body["t"] = cls.TYPE
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    try:
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    except OverflowError as exc:
+        raise TypeError(f"malformed {cls.TYPE} message: {exc}") from None
 
 
 # --- decode ---------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import sqlite_utils
 from agent.wire import ProtocolError, validate_node_id
 from aggregator.pki import CertificateAuthority, NodeAttributes, PkiError
 
-COUNTRY = re.compile(r"^[A-Z]{2}$")
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+COUNTRY = re.compile(r"[A-Z]{2}")
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
 
 class EnrollmentError(Exception):
@@ -43,10 +43,10 @@ class TokenScope:
     profile: str
 
     def __post_init__(self) -> None:
-        if not COUNTRY.match(self.country):
+        if not COUNTRY.fullmatch(self.country):
             raise EnrollmentError("invalid_country", "country must be an ISO 3166 alpha-2 code")
         for name in ("site", "provider", "profile"):
-            if not LABEL.match(getattr(self, name)):
+            if not LABEL.fullmatch(getattr(self, name)):
                 raise EnrollmentError(
                     f"invalid_{name}", f"{name} must be 1-64 letters, digits, space . _ -"
                 )

@@ -73,7 +73,7 @@ async def test_token_to_certificate(api: Api, workdir: Path) -> None:
 async def test_a_token_enrolls_one_node_only(api: Api, workdir: Path) -> None:
     grant = await _grant(api)
     await asyncio.to_thread(enroll, _options(api, grant, workdir / "a", "si-tower-43"))
-    with pytest.raises(EnrollError, match="already used.*new one"):
+    with pytest.raises(EnrollError, match=r"already used.*new one"):
         await asyncio.to_thread(enroll, _options(api, grant, workdir / "b", "si-tower-44"))
     assert _written(workdir / "b") == []
 

@@ -97,15 +97,18 @@ def test_telemetry_and_inventory_arrive_in_the_api(rig: Rig) -> None:
         assert n["status"] == "online"
         assert (n["country"], n["provider"], n["site"], n["profile"]) == (
             country, provider, site, profile)
-        assert n["capacity"]["cpus"] > 0 and n["capacity"]["memory_bytes"] > 0
+        assert n["capacity"]["cpus"] > 0
+        assert n["capacity"]["memory_bytes"] > 0
         assert n["last_seen"] > time.time() - 10
     assert nodes["fr-rack-01"]["capacity"]["cpus"] == 128  # 2 sockets x 32 cores x 2 threads
     assert nodes["fr-rack-01"]["capacity"]["allocatable_cpus"] == 124  # 4 reserved by profile
 
     detail = rig.fleet.node("de-edge-01")
     host = detail["latest"]["host"]
-    assert host["mem_total_bytes"] > 0 and host["cpu_count"] >= 1
-    assert "filesystems" in host and "nics" in host
+    assert host["mem_total_bytes"] > 0
+    assert host["cpu_count"] >= 1
+    assert "filesystems" in host
+    assert "nics" in host
     assert sorted(vm["name"] for vm in detail["vms"]) == [
         "de-edge-01-guest-1", "de-edge-01-guest-2", "de-edge-01-guest-3"]
     assert {vm["state"] for vm in detail["vms"]} == {"running"}
@@ -203,7 +206,8 @@ def test_broker_outage_loses_no_sample(rig: Rig) -> None:
     stored = set(seqs)
     missing = {s for g in gaps if g["channel"] == "telemetry"
                for s in range(g["first_seq"], g["last_seq"] + 1)}
-    assert missing and not missing & stored
+    assert missing
+    assert not missing & stored
     assert stored | missing == set(range(1, max(stored) + 1))
 
 
@@ -220,7 +224,8 @@ def test_a_stopped_agent_turns_offline_and_returns(rig: Rig) -> None:
     wait_for(lambda: rig.fleet.node(node)["status"] == "online", what="the node to return")
     wait_for(lambda: rig.last_seq(node) > seq + 1, what="telemetry after the restart")
     seqs, gaps = _contiguous(rig, node)
-    assert seqs == list(range(1, seqs[-1] + 1)) and gaps == []
+    assert seqs == list(range(1, seqs[-1] + 1))
+    assert gaps == []
 
     rig.agents[node].stop(signal.SIGTERM)  # a clean stop says offline itself
     wait_for(lambda: rig.fleet.node(node)["reported_status"] == "offline", timeout_s=5,

@@ -1,0 +1,60 @@
+"""``virt8ra demo`` as README shows it: enrolled agents report, Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from aggregator.client import ApiClient
+from tests.rig import free_port, wait_for
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
+    data_dir = workdir / "demo"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aggregator.operator_cli", "demo", "--data-dir", str(data_dir),
+         "--nodes", "4", "--api-port", str(port), "--interval", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        token_file = wait_for(lambda: (data_dir / "admin-token").exists()
+                              and data_dir / "admin-token", what="the admin token")
+        api = ApiClient(f"http://127.0.0.1:{port}", token_file.read_text().strip())
+
+        def online() -> list[dict[str, object]]:
+            try:
+                nodes: list[dict[str, object]] = api.get("/api/v1/nodes")["nodes"]
+            except Exception:
+                return []
+            return nodes if sum(n["status"] == "online" for n in nodes) == 4 else []
+
+        nodes = wait_for(online, timeout_s=60, what="four demo nodes online")
+        assert len({n["country"] for n in nodes}) == 4
+        assert len({n["provider"] for n in nodes}) == 4
+        assert {n["profile"] for n in nodes} == {"tower-5g", "edge-server", "rack-server"}
+        assert all(n["capacity"] for n in nodes)
+        assert len(_processes_mentioning(str(data_dir))) >= 6  # aggregator, broker, 4 agents
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    assert _processes_mentioning(str(data_dir)) == []
