@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("enroll", help="enroll this node with a one-time token")
     sp.add_argument("--aggregator", required=True, help="the aggregator's URL")
     sp.add_argument("--token", required=True, help="the one-time enrollment token")
-    sp.add_argument("--ca-fingerprint", default="", help="sha256:... of the fleet CA to pin")
+    sp.add_argument("--ca-fingerprint", required=True,
+                    help="sha256:... of the fleet CA, as given with the token")
     sp.add_argument("--node-id", default="", help="this node's id (default: host name)")
     sp.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR)
     sp.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)

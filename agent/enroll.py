@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import tempfile
 import urllib.error
 import urllib.request
@@ -43,8 +44,8 @@ class EnrollOptions:
     node_id: str
     config_dir: Path
     state_dir: Path
+    ca_fingerprint: str  # sha256:<hex> of the fleet CA's DER, from the operator
     libvirt_uri: str = "qemu:///system"
-    ca_fingerprint: str = ""
     simulate_profile: str = ""
     interval_s: float = 10.0
     force: bool = False
@@ -59,13 +60,13 @@ def _fingerprint(cert: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+def _call(url: str, body: dict[str, Any] | None, tls: ssl.SSLContext | None) -> dict[str, Any]:
     req = urllib.request.Request(  # noqa: S310 - the URL is the operator's aggregator
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
-        method="POST",
+        url, data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST",
     )
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=30, context=tls) as resp:  # noqa: S310
             data: dict[str, Any] = json.loads(resp.read())
             return data
     except urllib.error.HTTPError as exc:
@@ -88,6 +89,28 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         raise EnrollError(
             f"cannot reach the aggregator at {url}: {reason}; check the URL and the network"
         ) from None
+
+
+def pinned_ca(base_url: str, fingerprint: str) -> x509.Certificate:
+    """The aggregator's CA, accepted only if it is the one the operator pinned. Over HTTPS it
+    is fetched without trusting the connection: the pin is the trust."""
+    unverified = None
+    if base_url.startswith("https:"):
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+    answer = _call(base_url + "/api/v1/ca", None, unverified)
+    try:
+        ca = x509.load_pem_x509_certificate(str(answer["ca"]).encode())
+    except (KeyError, ValueError) as exc:
+        raise EnrollError(f"the aggregator's CA is unreadable ({exc}); "
+                          "is the URL a virt8ra aggregator?") from None
+    if _fingerprint(ca) != fingerprint.lower():
+        raise EnrollError(
+            f"the aggregator's CA is {_fingerprint(ca)}, not the pinned {fingerprint}: "
+            "wrong aggregator or wrong fingerprint; the token was not sent, nothing written"
+        )
+    return ca
 
 
 async def _inventory(uri: str, profile: str) -> dict[str, Any]:
@@ -132,14 +155,22 @@ def enroll(opts: EnrollOptions) -> Path:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, opts.node_id)]))
             .sign(key, hashes.SHA256())
         )
-        answer = _post(
-            opts.aggregator.rstrip("/") + "/api/v1/enroll",
+        base_url = opts.aggregator.rstrip("/")
+        pinned = pinned_ca(base_url, opts.ca_fingerprint)
+        tls = None
+        if base_url.startswith("https:"):  # from here on, trust only the pinned CA
+            tls = ssl.create_default_context(
+                cadata=pinned.public_bytes(serialization.Encoding.PEM).decode()
+            )
+        answer = _call(
+            base_url + "/api/v1/enroll",
             {
                 "token": opts.token,
                 "node_id": opts.node_id,
                 "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
                 "inventory": inventory,
             },
+            tls,
         )
         try:
             cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
@@ -149,11 +180,8 @@ def enroll(opts: EnrollOptions) -> Path:
         except (KeyError, TypeError, ValueError) as exc:
             raise EnrollError(f"the aggregator's answer is incomplete ({exc}); "
                               "is the URL a virt8ra aggregator?") from None
-        if opts.ca_fingerprint and _fingerprint(ca) != opts.ca_fingerprint.lower():
-            raise EnrollError(
-                f"the aggregator's CA is {_fingerprint(ca)}, not the pinned "
-                f"{opts.ca_fingerprint}: wrong aggregator or wrong fingerprint; nothing written"
-            )
+        if ca != pinned:
+            raise EnrollError("the aggregator answered with another CA than the pinned one")
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
             raise EnrollError("the certificate returned is not for this node's key")

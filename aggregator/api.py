@@ -214,6 +214,11 @@ async def enroll_node(request: web.Request) -> web.Response:
     return web.json_response(result, status=201)
 
 
+async def ca_certificate(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return web.json_response({"ca": svc.ca.cert_pem(), "fingerprint": svc.ca.fingerprint()})
+
+
 async def create_api_token(request: web.Request) -> web.Response:
     svc = _svc(request)
     body = await _json_body(request)
@@ -252,6 +257,8 @@ ROUTES: tuple[Route, ...] = (
                                "provider": {"type": "string"}, "profile": {"type": "string"},
                                "ttl_seconds": {"type": "number"}}},
           responses={201: "token created", 400: "bad request"}),
+    Route("GET", "/api/v1/ca", ca_certificate, PUBLIC,
+          "The fleet CA certificate, for nodes to check against their pinned fingerprint"),
     Route("POST", "/api/v1/enroll", enroll_node, PUBLIC,
           "A node trades its enrollment token and CSR for a certificate",
           body={"type": "object", "required": ["token", "node_id", "csr"],

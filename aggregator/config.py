@@ -18,10 +18,17 @@ CONFIG_NAME = "aggregator.toml"
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8480
+    tls: str = "auto"  # auto: HTTPS unless bound to loopback; on: always HTTPS
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        if self.tls not in ("auto", "on"):
+            raise ValueError(f"tls: {self.tls!r} must be \"auto\" or \"on\"")
+
+    @property
+    def https(self) -> bool:
+        return self.tls == "on" or not self.loopback
 
     @property
     def loopback(self) -> bool:

@@ -158,7 +158,7 @@ class Aggregator:
         runner = web.AppRunner(make_app(services), access_log=None)
         await runner.setup()
         tls = None
-        if not cfg.api.loopback:  # plain HTTP only on loopback
+        if cfg.api.https:  # plain HTTP only on loopback
             tls = server_context(self.layout.pki / "api.crt", self.layout.pki / "api.key")
         site = web.TCPSite(runner, cfg.api.host, cfg.api.port, ssl_context=tls)
         try:

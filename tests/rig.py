@@ -116,7 +116,9 @@ class Fleet:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        with self.layout.config.open("rb") as fh:
+            https = tomllib.load(fh)["api"].get("tls") == "on"
+        return f"{'https' if https else 'http'}://127.0.0.1:{self.api_port}"
 
     def api(self, token: str | None = None) -> ApiClient:
         return ApiClient(self.url, token or self.admin_token)

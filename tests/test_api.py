@@ -24,6 +24,7 @@ EXAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/nodes/{id}"): ("/api/v1/nodes/si-tower-01", None),
     ("GET", "/api/v1/nodes/{id}/telemetry"): ("/api/v1/nodes/si-tower-01/telemetry", None),
     ("POST", "/api/v1/enrollment-tokens"): ("/api/v1/enrollment-tokens", TOKEN_BODY),
+    ("GET", "/api/v1/ca"): ("/api/v1/ca", None),
     ("POST", "/api/v1/enroll"): ("/api/v1/enroll", None),  # authorised by its body instead
     ("POST", "/api/v1/api-tokens"): ("/api/v1/api-tokens", {"role": "viewer", "name": "x"}),
 }

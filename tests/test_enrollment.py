@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import ssl
 import stat
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from agent import config
 from agent.enroll import EnrollError, EnrollOptions, enroll
 from aggregator.pki import read_node_attributes
 from tests.conftest import Api
+from tests.rig import Fleet, wait_for
 
 GRANT = {"site": "ljubljana-tower-7", "country": "SI", "provider": "telekom-slovenije",
          "profile": "tower-5g"}
@@ -87,18 +92,22 @@ async def test_an_expired_token_is_refused(api: Api, workdir: Path) -> None:
     assert _written(workdir) == []
 
 
-async def test_a_wrong_fingerprint_writes_nothing(api: Api, workdir: Path) -> None:
+async def test_a_wrong_fingerprint_sends_no_token_and_writes_nothing(
+    api: Api, workdir: Path
+) -> None:
     grant = await _grant(api)
     opts = _options(api, grant, workdir, "si-tower-46", ca_fingerprint="sha256:" + "0" * 64)
     with pytest.raises(EnrollError, match="not the pinned"):
         await asyncio.to_thread(enroll, opts)
     assert _written(workdir) == []
+    # The token never left the node, so it still works with the right pin.
+    await asyncio.to_thread(enroll, _options(api, grant, workdir, "si-tower-46"))
 
 
 async def test_an_unreachable_aggregator_says_so(workdir: Path) -> None:
     opts = EnrollOptions(aggregator="http://127.0.0.1:1", token="t", node_id="n1",
                          config_dir=workdir / "etc", state_dir=workdir / "state",
-                         simulate_profile="tower-5g")
+                         ca_fingerprint="sha256:" + "0" * 64, simulate_profile="tower-5g")
     with pytest.raises(EnrollError, match="cannot reach the aggregator"):
         await asyncio.to_thread(enroll, opts)
     assert _written(workdir) == []
@@ -132,3 +141,43 @@ async def test_tampered_csrs_are_refused(api: Api, node_id: str, csr: str, reaso
     status, _ = await api.call("POST", "/api/v1/enroll", None, {
         "token": grant["token"], "node_id": node_id, "csr": _csr(node_id)})
     assert status == 201
+
+
+def test_enrollment_over_https_trusts_only_the_pinned_ca(root_dir: Path) -> None:
+    fleet = Fleet.create(root_dir / "https-enroll", overrides={"api": {"tls": "on"}})
+    aggregator = fleet.aggregator().start()
+    try:
+        assert fleet.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(fleet.layout.ca_cert))
+        wait_for(lambda: _https_ok(fleet.url + "/healthz", ctx), what="the HTTPS API")
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(fleet.url + "/healthz", timeout=5)  # noqa: S310
+        # The API client trusts the system store; give the token request the fleet CA instead.
+        status, grant = _post_json(fleet, "/api/v1/enrollment-tokens", GRANT, ctx)
+        assert status == 201
+        home = root_dir / "https-enroll" / "node"
+        path = enroll(EnrollOptions(
+            aggregator=fleet.url, token=grant["token"], node_id="si-tower-50",
+            config_dir=home / "etc", state_dir=home / "state",
+            ca_fingerprint=grant["ca_fingerprint"], simulate_profile="tower-5g",
+        ))
+        assert config.load(path).node.id == "si-tower-50"
+    finally:
+        aggregator.stop()
+
+
+def _https_ok(url: str, ctx: ssl.SSLContext) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=ctx):  # noqa: S310
+            return True
+    except OSError:
+        return False
+
+
+def _post_json(fleet: Fleet, path: str, body: Any, ctx: ssl.SSLContext) -> tuple[int, Any]:
+    req = urllib.request.Request(fleet.url + path, data=json.dumps(body).encode(),  # noqa: S310
+                                 method="POST", headers={
+                                     "Authorization": f"Bearer {fleet.admin_token}",
+                                     "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:  # noqa: S310
+        return resp.status, json.loads(resp.read())
