@@ -219,6 +219,21 @@ class Store:
         telemetry: list[tuple[str, int, float, float, bytes]] = []
         seen: dict[str, float] = {}
         touched: set[str] = set()
+
+        def store_telemetry() -> None:
+            if not telemetry:
+                return
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO telemetry (node_id, seq, ts, received_at, payload) "
+                "VALUES (?, ?, ?, ?, ?)",
+                telemetry,
+            )
+            stored = conn.total_changes - before
+            self.stored_samples += stored
+            self.duplicates += len(telemetry) - stored
+            telemetry.clear()
+
         for item in items:
             if isinstance(item, TelemetryIn):
                 if self._sequence(conn, item.node, "telemetry", item.seq, item.received_at):
@@ -230,6 +245,7 @@ class Store:
             elif isinstance(item, StatusIn):
                 self._status(conn, item)
             elif isinstance(item, EventIn):
+                store_telemetry()  # a gap report must see every sample received before it
                 self._event(conn, item)
                 seen[item.event.node] = item.received_at
                 touched.add(item.event.node)
@@ -239,16 +255,7 @@ class Store:
                     "UPDATE nodes SET malformed_messages = malformed_messages + 1 WHERE id = ?",
                     (item.node,),
                 )
-        if telemetry:
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO telemetry (node_id, seq, ts, received_at, payload) "
-                "VALUES (?, ?, ?, ?, ?)",
-                telemetry,
-            )
-            stored = conn.total_changes - before
-            self.stored_samples += stored
-            self.duplicates += len(telemetry) - stored
+        store_telemetry()
         if touched:
             conn.executemany(
                 "UPDATE nodes SET last_seen = max(coalesce(last_seen, 0), ?), "
@@ -305,13 +312,21 @@ class Store:
     def _record_gap(self, conn: sqlite3.Connection, node: str, channel: str, first: int,
                     last: int, now: float, reason: str, explained: bool = False) -> None:
         """Record missing numbers once. A gap the node explains replaces what was only
-        detected as not received; otherwise numbers already recorded are left alone."""
+        detected as not received, and leaves out what did arrive (a message the broker got
+        but never acknowledged can be dropped from the node's spool later); otherwise numbers
+        already recorded are left alone."""
         rows = conn.execute(
             "SELECT id, first_seq, last_seq, reason FROM gaps WHERE node_id = ? AND channel = ?"
             " AND last_seq >= ? AND first_seq <= ?",
             (node, channel, first, last),
         ).fetchall()
         keep: list[tuple[int, int]] = []
+        if explained:
+            table = "telemetry" if channel == "telemetry" else "events"
+            keep.extend((s, s) for (s,) in conn.execute(
+                f"SELECT seq FROM {table} WHERE node_id = ? AND seq BETWEEN ? AND ?",
+                (node, first, last),
+            ))
         for gap_id, a, b, why in rows:
             if explained and why == NOT_RECEIVED:
                 conn.execute("DELETE FROM gaps WHERE id = ?", (gap_id,))

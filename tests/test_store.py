@@ -132,3 +132,15 @@ async def test_retention_rolls_old_samples_up(store: Store) -> None:
                                                                90.0))
     assert rolled == 4
     assert dropped > 0
+
+
+async def test_a_reported_gap_leaves_out_what_did_arrive(store: Store) -> None:
+    # Sample 3 reached the broker but its acknowledgement did not reach the node, which later
+    # dropped it from its full spool and reported 2..4 as lost.
+    for seq in (1, 3, 5):
+        store.ingest(_telemetry("n1", seq))
+    store.ingest(EventIn(TelemetryGap(node="n1", seq=1, ts=1.0, first_seq=2, last_seq=4,
+                                      reason="agent spool full"), 2.0))
+    await store.flush()
+    assert await store.read(lambda c: _gaps(c, "n1")) == [
+        ("telemetry", 2, 2, "agent spool full"), ("telemetry", 4, 4, "agent spool full")]
