@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -325,14 +324,7 @@ async def _role_of(request: web.Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     digest = hash_secret(token.strip())
-
-    def lookup(conn: sqlite3.Connection) -> str | None:
-        row = conn.execute(
-            "SELECT role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL", (digest,)
-        ).fetchone()
-        return None if row is None else str(row[0])
-
-    return await _svc(request).store.read(lookup)
+    return await _svc(request).store.read(lambda c: queries.role_of_token(c, digest))
 
 
 @web.middleware

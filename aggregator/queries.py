@@ -24,6 +24,13 @@ _NODE_COLUMNS = (
 )
 
 
+def role_of_token(conn: sqlite3.Connection, token_hash: str) -> str | None:
+    row = conn.execute(
+        "SELECT role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL", (token_hash,)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def parse_time(raw: str) -> float:
     """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
     try:
