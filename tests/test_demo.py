@@ -52,6 +52,23 @@ def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
         assert {n["profile"] for n in nodes} == {"tower-5g", "edge-server", "rack-server"}
         assert all(n["capacity"] for n in nodes)
         assert len(_processes_mentioning(str(data_dir))) >= 6  # aggregator, broker, 4 agents
+
+        # The operators' CLI over the same API.
+        env = {**os.environ, "VIRT8RA_API": api.base_url, "VIRT8RA_TOKEN": api.token,
+               "COLUMNS": "200"}
+        cli = [sys.executable, "-m", "aggregator.operator_cli"]
+        table = subprocess.run([*cli, "nodes"], env=env, capture_output=True, text=True,
+                               check=True).stdout
+        assert all(str(n["id"]) in table for n in nodes)
+        assert table.count("online") == 4
+        first = str(nodes[0]["id"])
+        shown = subprocess.run([*cli, "node", first], env=env, capture_output=True, text=True,
+                               check=True).stdout
+        assert f"{first}-guest-1" in shown
+        refused = subprocess.run([*cli, "--token", "wrong", "nodes"], env=env,
+                                 capture_output=True, text=True, check=False)
+        assert refused.returncode == 2
+        assert "bearer token" in refused.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
