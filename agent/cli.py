@@ -39,6 +39,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             simulate_profile=args.simulate,
             interval_s=args.interval,
             force=args.force,
+            group=args.group,
         )
     )
     print(f"enrolled; config written to {path}")
@@ -68,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
                     help="manage a simulated libvirt test-driver host of this hardware profile")
     sp.add_argument("--interval", type=float, default=10.0, help="telemetry interval, seconds")
     sp.add_argument("--force", action="store_true", help="re-enroll an enrolled node")
+    sp.add_argument("--group", default="",
+                    help="the agent service's group, allowed to read the key (e.g. virt8ra)")
     sp.set_defaults(func=_cmd_enroll)
     return p
 

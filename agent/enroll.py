@@ -9,6 +9,7 @@ first and moved into place at the end, so a failure leaves nothing half-written.
 from __future__ import annotations
 
 import asyncio
+import grp
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ class EnrollOptions:
     simulate_profile: str = ""
     interval_s: float = 10.0
     force: bool = False
+    group: str = ""  # the service's group: may read the key (0640) and the other files
 
 
 def default_node_id() -> str:
@@ -122,6 +124,17 @@ async def _inventory(uri: str, profile: str) -> dict[str, Any]:
         return to_plain(await hv.inventory(__version__, profile))
     finally:
         hv.close()
+
+
+def _hand_to_group(directory: Path, group: str) -> None:
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise EnrollError(f"no group {group!r}: create the service user first "
+                          "(see systemd/README.md)") from None
+    for path in directory.iterdir():
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o640 if path.name == "node.key" else 0o644)
 
 
 def enroll(opts: EnrollOptions) -> Path:
@@ -205,6 +218,8 @@ def enroll(opts: EnrollOptions) -> Path:
                               "spool_path": opts.state_dir / "spool.sqlite"},
             })
         )
+        if opts.group:
+            _hand_to_group(staging, opts.group)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == "agent.toml"):
             os.replace(item, opts.config_dir / item.name)  # the config last: it marks success
         return config_path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 import ssl
@@ -73,6 +74,19 @@ async def test_token_to_certificate(api: Api, workdir: Path) -> None:
     # Re-running on an enrolled node is refused unless asked to re-enroll.
     with pytest.raises(EnrollError, match="already enrolled"):
         await asyncio.to_thread(enroll, _options(api, await _grant(api), workdir, "si-tower-42"))
+
+
+async def test_the_service_group_may_read_the_key(api: Api, workdir: Path) -> None:
+    grant = await _grant(api)
+    path = await asyncio.to_thread(
+        enroll, _options(api, grant, workdir, "si-tower-51", group="nogroup"))
+    key = config.load(path).broker.key_file
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o640
+    assert os.stat(key).st_gid == grp.getgrnam("nogroup").gr_gid
+    with pytest.raises(EnrollError, match="no group"):
+        await asyncio.to_thread(enroll, _options(api, await _grant(api), workdir / "b",
+                                                 "si-tower-52", group="no-such-group"))
+    assert _written(workdir / "b") == []
 
 
 async def test_a_token_enrolls_one_node_only(api: Api, workdir: Path) -> None:
