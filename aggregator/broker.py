@@ -106,29 +106,60 @@ class BrokerSupervisor:
 
     def __init__(self, executable: str, conf: Path) -> None:
         self._argv = [executable, "-c", str(conf)]
+        self._pidfile = conf.with_name("broker.pid")
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 0.5
-        while not stop.is_set():
-            self.process = await asyncio.create_subprocess_exec(
-                *self._argv, stdin=asyncio.subprocess.DEVNULL
-            )
-            log.info("broker started (pid %d)", self.process.pid)
-            waiter = asyncio.ensure_future(self.process.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if stop.is_set():
-                await self.terminate()
-                waiter.cancel()
+        await self._stop_leftover()
+        try:
+            while not stop.is_set():
+                self.process = await asyncio.create_subprocess_exec(
+                    *self._argv, stdin=asyncio.subprocess.DEVNULL
+                )
+                self._pidfile.write_text(f"{self.process.pid}\n")
+                log.info("broker started (pid %d)", self.process.pid)
+                waiter = asyncio.ensure_future(self.process.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if stop.is_set():
+                    waiter.cancel()
+                    return
+                log.error("broker exited with %s; restarting in %.1f s",
+                          self.process.returncode, delay)
+                self.restarts += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                delay = min(delay * 2, 30.0)
+        finally:  # stopping, or the service failing around us: never leave the broker behind
+            await self.terminate()
+
+    async def _stop_leftover(self) -> None:
+        """A previous aggregator that was killed outright (no cgroup to clean up after it, as
+        systemd would) leaves its broker running on our port: stop that one, and only if its
+        command line is exactly ours."""
+        pid = self._leftover_pid()
+        if pid is None:
+            return
+        log.warning("stopping the broker a previous aggregator left running (pid %d)", pid)
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
                 return
-            log.error("broker exited with %s; restarting in %.1f s", self.process.returncode, delay)
-            self.restarts += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            delay = min(delay * 2, 30.0)
+            await asyncio.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+
+    def _leftover_pid(self) -> int | None:
+        try:
+            pid = int(self._pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except (OSError, ValueError):
+            return None
+        return pid if [a.decode(errors="replace") for a in cmdline] == self._argv else None
 
     async def terminate(self) -> None:
         proc = self.process

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ConfigError, service.InitError, BrokerError, EnrollmentError) as exc:
+    except (ConfigError, service.InitError, service.ServiceError, BrokerError,
+            EnrollmentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -53,7 +53,10 @@ class _LeanClient(aiomqtt.Client):
     on_payload: Any = None
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self.on_payload(message.topic, message.payload, message.retain)
+        try:
+            self.on_payload(message.topic, message.payload, message.retain)
+        except Exception:  # our bug: log it, but never let it tear down the session
+            log.exception("ingest failed on a message from %r", message.topic)
 
 
 class Ingest:

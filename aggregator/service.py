@@ -36,6 +36,10 @@ class InitError(Exception):
     """The data directory cannot be initialised; the message says why."""
 
 
+class ServiceError(Exception):
+    """The service could not start or stopped on an outside failure; the message says why."""
+
+
 @dataclass(frozen=True)
 class InitResult:
     data_dir: Path
@@ -217,6 +221,10 @@ def serve(data_dir: Path) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agg.request_stop)
-        await agg.run()
+        try:
+            await agg.run()
+        except* (OSError, broker.BrokerError) as group:
+            reasons = "; ".join(str(e) for e in group.exceptions)
+            raise ServiceError(f"the aggregator stopped: {reasons}") from None
 
     asyncio.run(main())

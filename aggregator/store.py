@@ -23,7 +23,16 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from agent.wire import LifecycleEvent, Report, Status, Telemetry, TelemetryGap, decode, to_plain
+from agent.wire import (
+    LifecycleEvent,
+    ProtocolError,
+    Report,
+    Status,
+    Telemetry,
+    TelemetryGap,
+    decode,
+    to_plain,
+)
 from aggregator import fleet, migrations
 
 log = logging.getLogger("virt8ra.aggregator.store")
@@ -399,7 +408,11 @@ class Store:
         ).fetchall()
         samples = []
         for node_id, _seq, payload in rows:
-            msg = decode(payload)
+            try:
+                msg = decode(payload)
+            except ProtocolError:  # stored before a contract change: drop it, keep sweeping
+                log.warning("dropping undecodable telemetry of %s during retention", node_id)
+                continue
             if isinstance(msg, Telemetry):
                 samples.append((node_id, msg.ts, to_plain(msg.host)))
         for r in fleet.rollup(samples, bucket_s):
