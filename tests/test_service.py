@@ -67,3 +67,20 @@ def test_the_managed_broker_is_supervised(root_dir: Path) -> None:
             agent.stop()
         assert aggregator.stop() == 0
     assert not Path(f"/proc/{second}").exists()  # stopped with the service
+
+
+def test_a_killed_aggregator_leaves_no_broker_behind_at_its_next_start(root_dir: Path) -> None:
+    fleet = Fleet.create(root_dir / "killed", managed_broker=True)
+    first = fleet.aggregator().start()
+    fleet.wait_healthy()
+    left = wait_for(lambda: _broker_pid(first.pid), what="the managed broker")
+    first.stop(signal.SIGKILL)  # no chance to stop its broker (systemd would kill the cgroup)
+    assert Path(f"/proc/{left}").exists()
+    second = fleet.aggregator().start()
+    try:
+        fleet.wait_healthy()
+        wait_for(lambda: not Path(f"/proc/{left}").exists(), what="the left-over broker to go")
+        assert wait_for(lambda: _broker_pid(second.pid), what="a broker of its own")
+        assert "previous aggregator left running" in second.output()
+    finally:
+        assert second.stop() == 0
