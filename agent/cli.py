@@ -19,16 +19,21 @@ DEFAULT_STATE_DIR = Path("/var/lib/virt8ra")
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent import config, daemon
+    from agent.hypervisor import HypervisorError
 
-    daemon.run(config.load(args.config))
+    try:
+        daemon.run(config.load(args.config))
+    except HypervisorError as exc:
+        print(f"error: libvirt: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from agent.enroll import EnrollOptions, default_node_id, enroll
+    from agent.enroll import EnrollError, EnrollOptions, default_node_id, enroll
 
-    path = enroll(
-        EnrollOptions(
+    try:
+        path = enroll(EnrollOptions(
             aggregator=args.aggregator,
             token=args.token,
             node_id=args.node_id or default_node_id(),
@@ -40,8 +45,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             interval_s=args.interval,
             force=args.force,
             group=args.group,
-        )
-    )
+        ))
+    except EnrollError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"enrolled; config written to {path}")
     print(f"next: virt8ra-agent run --config {path}  (or: systemctl enable --now virt8ra-agent)")
     return 0
@@ -86,13 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from agent.hypervisor import HypervisorError
-
-        if type(exc).__name__ == "EnrollError" or isinstance(exc, HypervisorError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         return 130
 

@@ -148,8 +148,10 @@ def enroll(opts: EnrollOptions) -> Path:
         raise EnrollError(
             f"this node is already enrolled ({config_path} exists); pass --force to re-enroll"
         )
+    created = not opts.config_dir.exists()
     opts.config_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".enroll-", dir=opts.config_dir))
+    done = False
     try:
         uri = opts.libvirt_uri
         if opts.simulate_profile:
@@ -222,6 +224,9 @@ def enroll(opts: EnrollOptions) -> Path:
             _hand_to_group(staging, opts.group)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == "agent.toml"):
             os.replace(item, opts.config_dir / item.name)  # the config last: it marks success
+        done = True
         return config_path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(opts.config_dir, ignore_errors=True)
