@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 # Host figures that are rolled up when raw telemetry ages out.
 ROLLUP_METRICS: Final = (
@@ -33,8 +33,7 @@ def node_status(
     return "online" if now - last_seen <= timeout else "offline"
 
 
-@dataclass(frozen=True, slots=True)
-class SeqStep:
+class SeqStep(NamedTuple):  # made once per message on the ingest path: a cheap record
     last: int                      # the highest sequence number seen after this one
     gap: tuple[int, int] | None    # numbers skipped by this one, if any
     late: bool                     # at or below the highest seen: a replay or a gap filler

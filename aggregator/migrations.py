@@ -29,14 +29,16 @@ def _m001_foundation(db: sqlite_utils.Database) -> None:
             telemetry_last_seq INTEGER NOT NULL DEFAULT 0,
             events_last_seq INTEGER NOT NULL DEFAULT 0
         );
+        -- A rowid table: payloads are ~1 KB, and SQLite stores large rows of a WITHOUT ROWID
+        -- table inside its B-tree (inserts measured 4x slower).
         CREATE TABLE telemetry (
             node_id TEXT NOT NULL,
             seq INTEGER NOT NULL,
             ts REAL NOT NULL,
             received_at REAL NOT NULL,
             payload BLOB NOT NULL,
-            PRIMARY KEY (node_id, seq)
-        ) WITHOUT ROWID;
+            UNIQUE (node_id, seq)
+        );
         CREATE INDEX telemetry_received ON telemetry (received_at);
         CREATE TABLE telemetry_rollup (
             node_id TEXT NOT NULL,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import wire
+from agent import wire, wirecheck
 
 SAMPLES = Path(__file__).parent / "data" / "wire"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -173,12 +173,21 @@ FIELD_ROOTS = {"message", "v", "t"} | {
 
 
 def check_decode(data: bytes) -> None:
-    """decode returns a message or raises ProtocolError naming a real field; nothing else."""
+    """decode returns a message or raises ProtocolError naming a real field; nothing else.
+    The ingest's fast check (agent.wirecheck) agrees with it on every input, field included."""
+    try:
+        wirecheck.check(data)
+    except wire.ProtocolError as exc:
+        fast_error: str | None = exc.field
+    else:
+        fast_error = None
     try:
         msg = wire.decode(data)
     except wire.ProtocolError as exc:
         error = exc
+        assert fast_error == exc.field, (fast_error, exc.field)
     else:
+        assert fast_error is None, fast_error
         assert type(msg) is wire.MESSAGE_TYPES[msg.TYPE]
         # Whatever decode accepts, encode writes back stably (byte-equal even with NaN).
         again = wire.encode(msg)
@@ -345,6 +354,9 @@ def test_decode_error_names_field(
         wire.decode(mutated(kind, path, value))
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
+    with pytest.raises(wire.ProtocolError) as fast:
+        wirecheck.check(mutated(kind, path, value))
+    assert str(fast.value) == str(info.value)
 
 
 @pytest.mark.parametrize(
