@@ -68,6 +68,7 @@ class Spool:
             db = sqlite3.connect(self._path, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA cache_size=-256")  # KiB: a small outbox needs little cache
             db.executescript(_SCHEMA)
             self._db = db
 
