@@ -77,7 +77,8 @@ def _value(src: _Source, tp: Any, var: str, field: str, indent: int, depth: int)
             _value(src, wire.Scalar, var, field, indent + 1, depth)
     elif origin is tuple:
         item, i = f"_v{depth}", f"_i{depth}"
-        src.emit(indent, f"if type({var}) is not list: " + _fail(field, _type_reason("a list", var)))
+        src.emit(indent, f"if type({var}) is not list: "
+                         + _fail(field, _type_reason("a list", var)))
         src.emit(indent, f"for {i}, {item} in enumerate({var}):")
         _item(src, typing.get_args(tp)[0], item, field, i, indent + 1, depth + 1)
     elif origin is dict:
