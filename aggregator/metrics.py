@@ -18,6 +18,7 @@ FIGURES: Final = {
         "counter", "Telemetry shed because storage fell behind (gaps recorded)"
     ),
     "virt8ra_ingest_connects": ("counter", "Ingest connections to the broker"),
+    "virt8ra_ingest_restarts": ("counter", "Restarts of the ingest process after it died"),
     "virt8ra_store_samples": ("counter", "Telemetry samples stored"),
     "virt8ra_store_events": ("counter", "Events stored"),
     "virt8ra_store_duplicates": ("counter", "Replayed samples already stored"),

@@ -20,12 +20,12 @@ from aiohttp import web
 
 from agent import configfile, sdnotify
 from agent.profiles import Profile, default_profiles_dir, load_profiles
-from agent.tls import client_context, server_context
+from agent.tls import server_context
 from aggregator import broker, config
 from aggregator.api import Services, make_app
 from aggregator.auth import create_api_token
 from aggregator.config import AggregatorConfig, Layout
-from aggregator.ingest import Ingest
+from aggregator.ingest import Ingest, ReceiverSettings
 from aggregator.pki import CertificateAuthority
 from aggregator.store import Store
 
@@ -103,11 +103,14 @@ class Aggregator:
         self.supervisor: broker.BrokerSupervisor | None = None
         self.ingest = Ingest(
             self.store,
-            host=cfg.broker.host,
-            port=cfg.broker.port,
-            tls=client_context(self.layout.ca_cert, self.layout.client_cert,
-                               self.layout.client_key),
-            client_id=cfg.ingest.client_id,
+            ReceiverSettings(
+                host=cfg.broker.host,
+                port=cfg.broker.port,
+                ca_file=self.layout.ca_cert,
+                cert_file=self.layout.client_cert,
+                key_file=self.layout.client_key,
+                client_id=cfg.ingest.client_id,
+            ),
         )
         self.api_ready = asyncio.Event()
 
@@ -121,6 +124,7 @@ class Aggregator:
             "virt8ra_ingest_malformed": c.malformed,
             "virt8ra_ingest_shed": s.shed,
             "virt8ra_ingest_connects": c.connects,
+            "virt8ra_ingest_restarts": self.ingest.restarts,
             "virt8ra_store_samples": s.stored_samples,
             "virt8ra_store_events": s.stored_events,
             "virt8ra_store_duplicates": s.duplicates,
