@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -66,6 +67,14 @@ class MalformedIn(NamedTuple):
 Ingested = TelemetryIn | StatusIn | EventIn | MalformedIn
 
 
+@dataclass
+class _Figures:
+    samples: int = 0
+    duplicates: int = 0
+    events: int = 0
+    gaps: int = 0
+
+
 class _Call:
     __slots__ = ("fn", "future")
 
@@ -96,6 +105,7 @@ class Store:
         self.gaps_detected = 0
         self.shed = 0
         self.batches = 0
+        self._pending = _Figures()  # figures of the batch being written, not yet committed
         # Writer-thread state: highest sequence number per (node, channel).
         self._last: dict[tuple[str, str], int] = {}
         self._shed_nodes: set[str] = set()
@@ -216,9 +226,17 @@ class Store:
         try:
             with conn:
                 self._apply_batch(conn, items)
-            self.batches += 1
         except sqlite3.Error:
             log.exception("storing a batch of %d messages failed", len(items))
+            self._pending = _Figures()
+            return
+        # Counted only once committed: /metrics never runs ahead of what a reader can see.
+        p, self._pending = self._pending, _Figures()
+        self.stored_samples += p.samples
+        self.duplicates += p.duplicates
+        self.stored_events += p.events
+        self.gaps_detected += p.gaps
+        self.batches += 1
 
     def _apply_batch(self, conn: sqlite3.Connection, items: list[Ingested]) -> None:
         telemetry: list[tuple[str, int, float, float, bytes]] = []
@@ -235,8 +253,8 @@ class Store:
                 telemetry,
             )
             stored = conn.total_changes - before
-            self.stored_samples += stored
-            self.duplicates += len(telemetry) - stored
+            self._pending.samples += stored
+            self._pending.duplicates += len(telemetry) - stored
             telemetry.clear()
 
         for item in items:
@@ -295,7 +313,7 @@ class Store:
                 self._shed_nodes.discard(node)
             reason = "shed by the aggregator under load" if shed_here else NOT_RECEIVED
             self._record_gap(conn, node, channel, step.gap[0], step.gap[1], now, reason)
-            self.gaps_detected += 1
+            self._pending.gaps += 1
             return True
         if step.late:
             row = conn.execute(
@@ -387,7 +405,7 @@ class Store:
                 json.dumps(to_plain(ev)),
             ),
         )
-        self.stored_events += cur.rowcount
+        self._pending.events += cur.rowcount
 
     # --- retention (runs on the writer thread through write()) ------------------------------
 
