@@ -419,6 +419,18 @@ class Bench:
         if bcpu0 is not None and bcpu1 is not None:
             r.broker_cpu = 100 * (bcpu1 - bcpu0) / (t1 - t0)
 
+    def consumer_processes(self) -> list[psutil.Process]:
+        """The aggregator and its ingest process (it receives in a child of its own); not the
+        broker, which must keep queueing while the consumer is paused."""
+        assert self.serve_ps is not None
+        return [self.serve_ps,
+                *(p for p in self.serve_ps.children() if p.name() != "mosquitto")]
+
+    @staticmethod
+    def consumer_cpu(consumers: list[psutil.Process]) -> float | None:
+        seconds = [cpu_seconds(p) for p in consumers]
+        return None if None in seconds else sum(s for s in seconds if s is not None)
+
     def run_aggregator(self, mode: str, repeat: int) -> RunResult:
         a = self.args
         r = RunResult("aggregator", mode, repeat, self.total)
@@ -428,16 +440,19 @@ class Bench:
         base = scrape(a.api_port)
         seq_start = self.stored_seq
         procs, out, go = self.start_publishers(seq_start)
+        consumers = self.consumer_processes()
         if mode == "drain":
-            os.kill(self.serve.pid, signal.SIGSTOP)
+            for proc in consumers:
+                proc.send_signal(signal.SIGSTOP)
         t_go = time.time()
-        cpu0, bcpu0 = cpu_seconds(self.serve_ps), cpu_seconds(self.broker_ps)
+        cpu0, bcpu0 = self.consumer_cpu(consumers), cpu_seconds(self.broker_ps)
         go.set()
         if mode == "drain":
             self.collect_publishers(procs, out, r)
-            cpu0, bcpu0 = cpu_seconds(self.serve_ps), cpu_seconds(self.broker_ps)
+            cpu0, bcpu0 = self.consumer_cpu(consumers), cpu_seconds(self.broker_ps)
             t_go = time.time()
-            os.kill(self.serve.pid, signal.SIGCONT)
+            for proc in consumers:
+                proc.send_signal(signal.SIGCONT)
 
         def delta(m: dict[str, float], name: str) -> int:
             return int(m.get(name, 0) - base.get(name, 0))
@@ -463,7 +478,7 @@ class Bench:
                                f"{a.idle_timeout:.0f} s")
                 stored_at = last_change
                 break
-        cpu1, bcpu1 = cpu_seconds(self.serve_ps), cpu_seconds(self.broker_ps)
+        cpu1, bcpu1 = self.consumer_cpu(consumers), cpu_seconds(self.broker_ps)
         if mode == "live":
             self.collect_publishers(procs, out, r)
         # Exact first and last receive times of this run's samples, from the database.
