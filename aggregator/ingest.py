@@ -101,6 +101,9 @@ class _LeanClient(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._client.loop_read = self._read_all  # type: ignore[method-assign]
+        # paho logs every packet at debug level: two log calls per message on the hot path.
+        # Its failures still reach us, as aiomqtt's exceptions.
+        self._client.disable_logger()
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if not isinstance(client._sock, _ReadBuffered):
