@@ -58,8 +58,6 @@ class Uplink:
         self._spool = spool
         self._inventory = inventory
         self._wake = asyncio.Event()
-        self.connected = False
-        self.connects = 0
 
     def wake(self) -> None:
         """Tell the uplink that the spool has something new, or that it should stop."""
@@ -93,8 +91,6 @@ class Uplink:
             )
             try:
                 async with client:
-                    self.connected = True
-                    self.connects += 1
                     attempt = 0
                     log.info("connected to %s:%d", self._s.host, self._s.port)
                     await client.publish(status_topic, self._status("online"), qos=1, retain=True)
@@ -104,8 +100,6 @@ class Uplink:
                     return
             except aiomqtt.MqttError as exc:
                 log.warning("uplink down: %s", exc)
-            finally:
-                self.connected = False
             delay = backoff_delay(
                 attempt, self._s.backoff_initial_s, self._s.backoff_max_s, random.random()
             )

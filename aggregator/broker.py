@@ -171,8 +171,3 @@ class BrokerSupervisor:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-
-    def reload(self) -> None:
-        """SIGHUP: Mosquitto rereads the CRL and ACL."""
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGHUP)

@@ -17,7 +17,7 @@ import multiprocessing
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,6 @@ class IngestCounters:
     malformed: int = 0
     shed: int = 0
     connects: int = 0
-    malformed_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class _ReadBuffered:
@@ -286,7 +285,6 @@ class Ingest:
     def _malformed(self, node: str, field_name: str, reason: str) -> None:
         c = self.counters
         c.malformed += 1
-        c.malformed_by_reason[field_name] = c.malformed_by_reason.get(field_name, 0) + 1
         log.warning("dropped malformed message from %s: %s: %s", node or "a foreign topic",
                     field_name, reason)
         if node:

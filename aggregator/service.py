@@ -112,7 +112,6 @@ class Aggregator:
                 client_id=cfg.ingest.client_id,
             ),
         )
-        self.api_ready = asyncio.Event()
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -179,7 +178,6 @@ class Aggregator:
         try:
             await site.start()
             log.info("API on %s://%s:%d", "https" if tls else "http", cfg.api.host, cfg.api.port)
-            self.api_ready.set()
             sdnotify.notify("READY=1")
             await self.stop.wait()
         finally:
