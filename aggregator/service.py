@@ -168,13 +168,12 @@ class Aggregator:
         if cfg.api.https:  # plain HTTP only on loopback
             tls = server_context(self.layout.pki / "api.crt", self.layout.pki / "api.key")
         site = web.TCPSite(runner, cfg.api.host, cfg.api.port, ssl_context=tls)
-        if cfg.broker.managed:
-            # Let ingest open its persistent session before nodes can enroll and publish: from
-            # then on the broker queues their messages for us even while we are away.
-            try:
-                await asyncio.wait_for(self.ingest.connected.wait(), timeout=30)
-            except TimeoutError:
-                log.error("ingest is not connected to the managed broker yet; serving anyway")
+        # Let ingest open its persistent session before nodes can enroll and publish: from
+        # then on the broker queues their messages for us even while we are away.
+        try:
+            await asyncio.wait_for(self.ingest.connected.wait(), timeout=30)
+        except TimeoutError:
+            log.error("ingest is not connected to the broker yet; serving the API anyway")
         try:
             await site.start()
             log.info("API on %s://%s:%d", "https" if tls else "http", cfg.api.host, cfg.api.port)
