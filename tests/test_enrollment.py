@@ -154,6 +154,7 @@ async def test_tampered_csrs_are_refused(api: Api, node_id: str, csr: str, reaso
 
 def test_enrollment_over_https_trusts_only_the_pinned_ca(root_dir: Path) -> None:
     fleet = Fleet.create(root_dir / "https-enroll", overrides={"api": {"tls": "on"}})
+    broker = fleet.broker().start()
     aggregator = fleet.aggregator().start()
     try:
         assert fleet.url.startswith("https://")
@@ -173,6 +174,7 @@ def test_enrollment_over_https_trusts_only_the_pinned_ca(root_dir: Path) -> None
         assert config.load(path).node.id == "si-tower-50"
     finally:
         aggregator.stop()
+        broker.stop()
 
 
 def _https_ok(url: str, ctx: ssl.SSLContext) -> bool:
