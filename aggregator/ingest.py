@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import os
 import random
 import signal
 import time
@@ -150,6 +152,7 @@ class ReceiverSettings:
 # A full pipe blocks the receiver, which stops reading the socket: the broker queues for us.
 
 _FLUSH_AT = 1000
+_PR_SET_PDEATHSIG = 1
 
 
 class _Receiver:
@@ -226,9 +229,14 @@ class _Receiver:
                 await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.1))
 
 
-def _receiver_main(settings: ReceiverSettings, conn: Connection) -> None:
-    """The receiving process: runs until SIGTERM (Ctrl-C is the aggregator's to handle)."""
+def _receiver_main(settings: ReceiverSettings, conn: Connection, parent: int) -> None:
+    """The receiving process: runs until SIGTERM (Ctrl-C is the aggregator's to handle), which
+    it also gets when the aggregator dies, however it dies: a second session under the
+    aggregator's client id would fight the next aggregator's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        return
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -296,7 +304,8 @@ class Ingest:
         delay = 0.5
         while not stop.is_set():
             receiving, sending = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_receiver_main, args=(self._settings, sending),
+            proc = ctx.Process(target=_receiver_main,
+                               args=(self._settings, sending, os.getpid()),
                                name="virt8ra-ingest", daemon=True)
             proc.start()
             sending.close()

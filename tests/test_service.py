@@ -99,3 +99,18 @@ def test_a_killed_aggregator_leaves_no_broker_behind_at_its_next_start(root_dir:
         assert "previous aggregator left running" in second.output()
     finally:
         assert second.stop() == 0
+
+
+def test_the_ingest_process_ends_with_a_killed_aggregator(root_dir: Path) -> None:
+    fleet = Fleet.create(root_dir / "orphan", managed_broker=True)
+    aggregator = fleet.aggregator().start()
+    fleet.wait_healthy()
+    receiver = wait_for(lambda: _child(aggregator.pid, b"spawn_main"), what="the ingest process")
+    broker = wait_for(lambda: _broker_pid(aggregator.pid), what="the broker")
+    aggregator.stop(signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{receiver}").exists(), timeout_s=10,
+             what="the ingest process to end with its aggregator")
+    # The broker drops to its own user, which ends the parent-death signal: the next start
+    # stops it (shown above); here, stop it as the test that started its parent.
+    os.kill(broker, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{broker}").exists(), what="the broker to stop")
