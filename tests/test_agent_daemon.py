@@ -4,6 +4,8 @@ the fleet API as they happen, and the uplink's backoff stays within its bounds."
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +64,42 @@ def test_backoff_grows_exponentially_with_full_jitter_and_a_cap() -> None:
     assert backoff_delay(10, 1.0, 60.0, 1.0) == 60.0
     assert backoff_delay(500, 1.0, 60.0, 0.5) == 30.0
     assert backoff_delay(3, 1.0, 60.0, 0.0) == 0.0
+
+
+def _notifications(sock: socket.socket, until: str, timeout_s: float = 20) -> list[str]:
+    got: list[str] = []
+    sock.settimeout(timeout_s)
+    while until not in got:
+        got.append(sock.recv(4096).decode())
+    return got
+
+
+def test_both_daemons_speak_systemds_notify_protocol(fleet: Fleet, workdir: Path) -> None:
+    """Type=notify with a watchdog: READY=1 once serving, WATCHDOG=1 while alive, STOPPING=1."""
+    path = fleet.enroll_node("hr-tower-02", country="HR", provider="hrvatski-telekom",
+                             site="zagreb-tower-12")
+    address = str(workdir / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+        agent = Process([sys.executable, "-m", "agent", "run", "--config", str(path)],
+                        workdir / "agent.log", env=env).start()
+        try:
+            got = _notifications(sock, "READY=1")
+            got += _notifications(sock, "WATCHDOG=1")
+            got += _notifications(sock, "WATCHDOG=1")  # every half watchdog period, at least
+        finally:
+            agent.stop()
+        got += _notifications(sock, "STOPPING=1")
+        assert got.index("READY=1") < got.index("WATCHDOG=1")
+
+        other = Fleet.create(workdir / "aggregator", managed_broker=True)
+        aggregator = Process(
+            [sys.executable, "-m", "aggregator", "serve", "--data-dir", str(other.dir)],
+            workdir / "aggregator.log", env=env).start()
+        try:
+            assert "READY=1" in _notifications(sock, "READY=1")
+            assert "WATCHDOG=1" in _notifications(sock, "WATCHDOG=1")
+        finally:
+            aggregator.stop()
+        assert "STOPPING=1" in _notifications(sock, "STOPPING=1")
