@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -21,6 +22,7 @@ from typing import IO
 from rich.console import Console
 from rich.table import Table
 
+from agent import configfile
 from aggregator.client import ApiClient, ApiClientError
 from aggregator.config import Layout
 
@@ -106,6 +108,7 @@ class Demo:
                        "--api-port", str(self.api_port), "--broker-port", str(self.broker_port)])
         else:
             self.console.print(f"reusing [bold]{self.dir}[/] (already initialised)")
+            self._use_api_port()
         self._spawn("aggregator", [py, "-m", "aggregator", "serve", "--data-dir", str(self.dir)])
         api = ApiClient(f"http://127.0.0.1:{self.api_port}",
                         self.layout.admin_token.read_text().strip())
@@ -114,7 +117,15 @@ class Demo:
             self._start_agent(api, node)
         return api
 
-    def _wait_healthy(self, api: ApiClient, timeout_s: float = 30) -> None:
+    def _use_api_port(self) -> None:
+        """Serve on the port asked for now, whatever the directory was made with."""
+        with self.layout.config.open("rb") as fh:
+            table = tomllib.load(fh)
+        if table.get("api", {}).get("port") != self.api_port:
+            table.setdefault("api", {})["port"] = self.api_port
+            self.layout.config.write_text(configfile.dump_toml(table))
+
+    def _wait_healthy(self, api: ApiClient, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             try:

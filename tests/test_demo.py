@@ -26,27 +26,40 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
-    data_dir = workdir / "demo"
-    port = free_port()
-    proc = subprocess.Popen(
+def _demo(data_dir: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-m", "aggregator.operator_cli", "demo", "--data-dir", str(data_dir),
          "--nodes", "4", "--api-port", str(port), "--interval", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+
+
+def _online(api: ApiClient, count: int) -> list[dict[str, object]]:
+    try:
+        nodes: list[dict[str, object]] = api.get("/api/v1/nodes")["nodes"]
+    except Exception:
+        return []
+    return nodes if sum(n["status"] == "online" for n in nodes) == count else []
+
+
+def _interrupt(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    return out
+
+
+def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
+    data_dir = workdir / "demo"
+    port = free_port()
+    proc = _demo(data_dir, port)
     try:
         token_file = wait_for(lambda: (data_dir / "admin-token").exists()
                               and data_dir / "admin-token", what="the admin token")
         api = ApiClient(f"http://127.0.0.1:{port}", token_file.read_text().strip())
 
-        def online() -> list[dict[str, object]]:
-            try:
-                nodes: list[dict[str, object]] = api.get("/api/v1/nodes")["nodes"]
-            except Exception:
-                return []
-            return nodes if sum(n["status"] == "online" for n in nodes) == 4 else []
-
-        nodes = wait_for(online, timeout_s=60, what="four demo nodes online")
+        nodes = wait_for(lambda: _online(api, 4), timeout_s=60, what="four demo nodes online")
         assert len({n["country"] for n in nodes}) == 4
         assert len({n["provider"] for n in nodes}) == 4
         assert {n["profile"] for n in nodes} == {"tower-5g", "edge-server", "rack-server"}
@@ -70,8 +83,21 @@ def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
         assert refused.returncode == 2
         assert "bearer token" in refused.stderr
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert "stopped" in out
+        _interrupt(proc)
+    assert _processes_mentioning(str(data_dir)) == []
+
+    # The same command again reuses the directory (here on another port): same fleet, no
+    # new enrollment, telemetry numbering carried on.
+    port = free_port()
+    proc = _demo(data_dir, port)
+    try:
+        api = ApiClient(f"http://127.0.0.1:{port}", token_file.read_text().strip())
+        again = wait_for(lambda: _online(api, 4), timeout_s=60, what="the fleet back online")
+        assert {n["id"] for n in again} == {n["id"] for n in nodes}
+        for n in again:
+            assert api.get(f"/api/v1/nodes/{n['id']}")["gaps"] == []
+    finally:
+        out = _interrupt(proc)
+    assert "reusing" in out
+    assert "enrolled" not in out
     assert _processes_mentioning(str(data_dir)) == []
