@@ -57,6 +57,8 @@ class TelemetryConfig:
             raise ValueError("interval_s: must be positive")
         if self.spool_max_messages < 10:
             raise ValueError("spool_max_messages: must be at least 10")
+        if self.publish_batch < 1:
+            raise ValueError("publish_batch: must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ dataclasses; keys the dataclass does not know are errors (a typo must not pass s
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -40,6 +41,8 @@ def _check(value: Any, tp: Any, file: Path | str, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(file, key, "expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(file, key, "expected a finite number")
         return float(value)
     if tp in (int, str, bool):
         if type(value) is not tp:
@@ -94,7 +97,7 @@ def load(cls: type[T], path: Path) -> T:
         raise ConfigError(path, "", "no such file") from None
     except OSError as exc:
         raise ConfigError(path, "", exc.strerror or str(exc)) from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(path, "", f"not valid TOML: {exc}") from None
     return build(cls, table, path)
 

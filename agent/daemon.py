@@ -67,7 +67,8 @@ class Agent:
     def request_stop(self) -> None:
         self.stop.set()
         self.uplink.wake()
-        self._events.put_nowait(None)
+        with contextlib.suppress(asyncio.QueueFull):  # then the forwarder sees stop itself
+            self._events.put_nowait(None)
 
     async def run(self) -> None:
         await self.spool.open()
@@ -166,7 +167,7 @@ class Agent:
 
     async def _forward_events(self) -> None:
         node = self.config.node.id
-        while (ev := await self._events.get()) is not None:
+        while (ev := await self._events.get()) is not None and not self.stop.is_set():
             await self._append(
                 "events",
                 lambda seq: encode(

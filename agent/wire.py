@@ -17,6 +17,7 @@ This module imports only the standard library and msgpack.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -312,11 +313,26 @@ def _within(exc: ProtocolError, prefix: str) -> ProtocolError:
     return ProtocolError(joined, exc.reason)
 
 
+# Numbers must fit what every store can hold: 64-bit signed integers, finite floats.
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**63 - 1
+OUT_OF_RANGE: Final = "integer out of the 64-bit range"
+NOT_FINITE: Final = "expected a finite number"
+
+
+def _number(value: Any) -> Any:
+    if type(value) is int and not INT_MIN <= value <= INT_MAX:
+        raise ProtocolError("", OUT_OF_RANGE)
+    if type(value) is float and not math.isfinite(value):
+        raise ProtocolError("", NOT_FINITE)
+    return value
+
+
 def _scalar(kind: type, name: str) -> Convert:
     def convert(value: Any) -> Any:
         # bool is an int subclass: never accept it where a number is meant.
         if type(value) is kind or (kind is float and type(value) is int):
-            return value
+            return _number(value) if kind in (int, float) else value
         raise ProtocolError("", f"expected {name}, got {type(value).__name__}")
 
     return convert
@@ -324,7 +340,7 @@ def _scalar(kind: type, name: str) -> Convert:
 
 def _any_scalar(value: Any) -> Scalar:
     if type(value) in (str, int, float, bool):
-        return typing.cast(Scalar, value)
+        return typing.cast(Scalar, _number(value))
     raise ProtocolError("", f"expected a string, number or boolean, got {type(value).__name__}")
 
 

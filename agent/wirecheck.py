@@ -11,6 +11,7 @@ wire module.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -57,12 +58,23 @@ def _value(src: _Source, tp: Any, var: str, field: str, indent: int, depth: int)
     if tp in simple:
         src.emit(indent, f"if type({var}) is not {tp.__name__}: "
                          + _fail(field, _type_reason(simple[tp], var)))
+        if tp is int:
+            src.emit(indent, f"if not {wire.INT_MIN} <= {var} <= {wire.INT_MAX}: "
+                             + _fail(field, repr(wire.OUT_OF_RANGE)))
     elif tp is float:
-        src.emit(indent, f"if type({var}) is not float and type({var}) is not int: "
-                         + _fail(field, _type_reason("number", var)))
+        src.emit(indent, f"if type({var}) is float:")
+        src.emit(indent + 1, f"if not _isfinite({var}): " + _fail(field, repr(wire.NOT_FINITE)))
+        src.emit(indent, f"elif type({var}) is int:")
+        src.emit(indent + 1, f"if not {wire.INT_MIN} <= {var} <= {wire.INT_MAX}: "
+                             + _fail(field, repr(wire.OUT_OF_RANGE)))
+        src.emit(indent, "else: " + _fail(field, _type_reason("number", var)))
     elif tp == wire.Scalar:
         src.emit(indent, f"if type({var}) not in _scalars: " + _fail(
             field, f"'expected a string, number or boolean, got ' + type({var}).__name__"))
+        src.emit(indent, f"if type({var}) is int and not {wire.INT_MIN} <= {var} <= "
+                         f"{wire.INT_MAX}: " + _fail(field, repr(wire.OUT_OF_RANGE)))
+        src.emit(indent, f"if type({var}) is float and not _isfinite({var}): "
+                         + _fail(field, repr(wire.NOT_FINITE)))
     elif origin is Literal:
         allowed = typing.get_args(tp)
         reason = repr("expected one of " + ", ".join(map(repr, allowed)))
@@ -150,6 +162,7 @@ def _compile(cls: type) -> Check:
         "_within": _within,
         "_missing": object(),
         "_scalars": (str, int, float, bool),
+        "_isfinite": math.isfinite,
         **src.constants,
     }
     code = compile("\n\n".join(src.functions), f"<wire check of {cls.__name__}>", "exec")

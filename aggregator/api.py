@@ -85,9 +85,12 @@ async def _json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > 1 << 20:
         raise ApiError(413, "too_large", "request body larger than 1 MiB")
     try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+        body = json.loads(await request.read())
+        # Lone surrogates ("\ud800") are valid JSON escapes but no text can be stored.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        raise ApiError(400, "invalid_json", "request body is not valid JSON text") from None
+    return body
 
 
 def _query_time(request: web.Request, name: str) -> float | None:

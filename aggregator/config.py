@@ -75,6 +75,12 @@ class RetentionConfig:
     rollup_days: float = 90.0
     sweep_interval_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        if self.raw_hours <= 0 or self.rollup_days <= 0 or self.sweep_interval_s <= 0:
+            raise ValueError("raw_hours, rollup_days and sweep_interval_s must be positive")
+        if self.rollup_bucket_s < 1:
+            raise ValueError("rollup_bucket_s must be at least 1")
+
 
 @dataclass(frozen=True)
 class PkiConfig:

@@ -56,6 +56,17 @@ def split_gap(first: int, last: int, seq: int) -> list[tuple[int, int]]:
     return parts
 
 
+def runs(ordered: Iterable[int]) -> list[tuple[int, int]]:
+    """Ascending numbers as ``(first, last)`` runs of consecutive numbers."""
+    out: list[tuple[int, int]] = []
+    for n in ordered:
+        if out and n == out[-1][1] + 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return out
+
+
 def subtract(first: int, last: int, covered: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of ``first..last`` outside every range in ``covered``."""
     parts = [(first, last)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import sqlite3
 import time
 from typing import Any, Final
@@ -34,9 +35,13 @@ def role_of_token(conn: sqlite3.Connection, token_hash: str) -> str | None:
 def parse_time(raw: str) -> float:
     """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise ValueError("not a finite time")
+        return value
     parsed = dt.datetime.fromisoformat(raw)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)

@@ -174,6 +174,9 @@ class Aggregator:
             await asyncio.wait_for(self.ingest.connected.wait(), timeout=30)
         except TimeoutError:
             log.error("ingest is not connected to the broker yet; serving the API anyway")
+        if self.stop.is_set():
+            await runner.cleanup()
+            return
         try:
             await site.start()
             log.info("API on %s://%s:%d", "https" if tls else "http", cfg.api.host, cfg.api.port)
@@ -193,7 +196,11 @@ class Aggregator:
                 return Store.sweep(db, now, r.raw_hours, r.rollup_bucket_s, r.rollup_days, chunk)
 
             while not self.stop.is_set():
-                rolled, _ = await self.store.write(sweep)
+                try:
+                    rolled, _ = await self.store.write(sweep)
+                except Exception:  # a sweep that fails must not take the service down
+                    log.exception("retention sweep failed; retrying at the next interval")
+                    break
                 total += rolled
                 if rolled < chunk:
                     break

@@ -223,11 +223,14 @@ class Store:
     def _apply(self, conn: sqlite3.Connection, items: list[Ingested]) -> None:
         if not items:
             return
+        before = dict(self._last)
         try:
             with conn:
                 self._apply_batch(conn, items)
-        except sqlite3.Error:
-            log.exception("storing a batch of %d messages failed", len(items))
+        except Exception:  # disk full, or our bug: the writer must live on either way
+            log.exception("storing a batch of %d messages failed; they will show as gaps",
+                          len(items))
+            self._last = before  # what was lost is missing from the sequence, hence a gap
             self._pending = _Figures()
             return
         # Counted only once committed: /metrics never runs ahead of what a reader can see.
@@ -346,10 +349,11 @@ class Store:
         keep: list[tuple[int, int]] = []
         if explained:
             table = "telemetry" if channel == "telemetry" else "events"
-            keep.extend((s, s) for (s,) in conn.execute(
-                f"SELECT seq FROM {table} WHERE node_id = ? AND seq BETWEEN ? AND ?",
+            keep.extend(fleet.runs(s for (s,) in conn.execute(
+                f"SELECT seq FROM {table} WHERE node_id = ? AND seq BETWEEN ? AND ?"
+                " ORDER BY seq",
                 (node, first, last),
-            ))
+            )))
         for gap_id, a, b, why in rows:
             if explained and why == NOT_RECEIVED:
                 conn.execute("DELETE FROM gaps WHERE id = ?", (gap_id,))

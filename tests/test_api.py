@@ -69,6 +69,12 @@ async def test_role_matrix(api: Api, route: Any, role: str | None) -> None:
         assert answer["error"]["code"] == "forbidden"
 
 
+async def test_undecodable_bearer_bytes_are_just_a_wrong_token(api: Api) -> None:
+    # Sent as the bytes ff fe, which are not UTF-8: the server sees undecodable text.
+    resp = await api.client.get("/api/v1/nodes", headers={"Authorization": "Bearer \xff\xfe"})
+    assert resp.status == 401
+
+
 @pytest.mark.parametrize(
     ("method", "path", "raw", "status", "code"),
     [
@@ -92,6 +98,13 @@ async def test_role_matrix(api: Api, route: Any, role: str | None) -> None:
         ("GET", "/api/v1/nodes/si-tower-01/telemetry?limit=0", b"", 400, "invalid_query"),
         ("GET", "/api/v1/nodes/nope/telemetry", b"", 404, "not_found"),
         ("GET", "/api/v1/no-such-route", b"", 404, "not_found"),
+        ("POST", "/api/v1/api-tokens", b'{"role": "viewer", "name": "\\ud800"}', 400,
+         "invalid_json"),
+        ("POST", "/api/v1/enroll", b'{"token": "\\ud800", "node_id": "n1", "csr": "x"}', 400,
+         "invalid_json"),
+        ("POST", "/api/v1/enrollment-tokens", b"[" * 100_000, 400, "invalid_json"),
+        ("GET", "/api/v1/nodes/si-tower-01/telemetry?since=1e400", b"", 400, "invalid_query"),
+        ("GET", "/api/v1/nodes/si-tower-01/telemetry?until=nan", b"", 400, "invalid_query"),
         ("DELETE", "/api/v1/nodes", b"", 405, "method_not_allowed"),
     ],
 )

@@ -33,12 +33,17 @@ def test_the_example_configs_load_and_match_the_defaults() -> None:
         ('[node]\nid = "n1"\n[broker]\nkeepalive_s = true\n', "broker.keepalive_s",
          "expected int"),
         ("[node\n", "", "not valid TOML"),
+        ('[node]\nid = "n1"\n[telemetry]\ninterval_s = nan\n', "telemetry.interval_s",
+         "finite"),
+        ('[node]\nid = "n1"\n[telemetry]\npublish_batch = 0\n', "telemetry",
+         "publish_batch"),
+        ('[node]\nid = "n1"\n# \xff\n', "", "not valid TOML"),
     ],
 )
 def test_config_errors_name_file_and_key(tmp_path: Path, text: str, key: str,
                                           reason: str) -> None:
     path = tmp_path / "agent.toml"
-    path.write_text(text)
+    path.write_bytes(text.encode("utf-8", "surrogateescape").replace(b"\xc3\xbf", b"\xff"))
     with pytest.raises(configfile.ConfigError) as info:
         config.load(path)
     assert info.value.file == str(path)

@@ -144,3 +144,27 @@ async def test_a_reported_gap_leaves_out_what_did_arrive(store: Store) -> None:
     await store.flush()
     assert await store.read(lambda c: _gaps(c, "n1")) == [
         ("telemetry", 2, 2, "agent spool full"), ("telemetry", 4, 4, "agent spool full")]
+
+
+async def test_a_failed_batch_leaves_the_writer_alive_and_shows_as_a_gap(store: Store) -> None:
+    store.ingest(_telemetry("n1", 1))
+    await store.flush()
+    pages = await store.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await store.write(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))  # disk full
+    for seq in range(2, 40):
+        store.ingest(_telemetry("n1", seq))
+    await store.flush()  # the writer answers: it survived the failed batch
+    await store.write(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+    store.ingest(_telemetry("n1", 40))
+    await store.flush()
+    assert await store.read(lambda c: _gaps(c, "n1")) == [("telemetry", 2, 39, "not received")]
+
+
+async def test_a_huge_reported_gap_is_recorded_without_stalling(store: Store) -> None:
+    for seq in range(1, 2001):
+        store.ingest(_telemetry("n1", seq))
+    store.ingest(EventIn(TelemetryGap(node="n1", seq=1, ts=1.0, first_seq=1, last_seq=2**62,
+                                      reason="agent spool full"), 2.0))
+    await asyncio.wait_for(store.flush(), 5)
+    assert await store.read(lambda c: _gaps(c, "n1")) == [
+        ("telemetry", 2001, 2**62, "agent spool full")]
