@@ -108,6 +108,8 @@ class Store:
         self._pending = _Figures()  # figures of the batch being written, not yet committed
         # Writer-thread state: highest sequence number per (node, channel).
         self._last: dict[tuple[str, str], int] = {}
+        # Values of _last before the batch being written (None: absent), to undo on failure.
+        self._undo: dict[tuple[str, str], int | None] = {}
         self._shed_nodes: set[str] = set()
         self._shed_lock = threading.Lock()
 
@@ -223,14 +225,20 @@ class Store:
     def _apply(self, conn: sqlite3.Connection, items: list[Ingested]) -> None:
         if not items:
             return
-        before = dict(self._last)
+        self._undo.clear()
         try:
             with conn:
                 self._apply_batch(conn, items)
         except Exception:  # disk full, or our bug: the writer must live on either way
             log.exception("storing a batch of %d messages failed; they will show as gaps",
                           len(items))
-            self._last = before  # what was lost is missing from the sequence, hence a gap
+            # Roll the sequence state back with the transaction: what was lost is then missing
+            # from the sequence, hence a gap when the next numbers arrive.
+            for key, old in self._undo.items():
+                if old is None:
+                    self._last.pop(key, None)
+                else:
+                    self._last[key] = old
             self._pending = _Figures()
             return
         # Counted only once committed: /metrics never runs ahead of what a reader can see.
@@ -300,8 +308,13 @@ class Store:
     def _ensure_node(self, conn: sqlite3.Connection, node: str) -> None:
         if (node, "telemetry") not in self._last:
             conn.execute("INSERT OR IGNORE INTO nodes (id) VALUES (?)", (node,))
-            self._last[(node, "telemetry")] = 0
-            self._last[(node, "events")] = 0
+            self._set_last((node, "telemetry"), 0)
+            self._set_last((node, "events"), 0)
+
+    def _set_last(self, key: tuple[str, str], value: int) -> None:
+        """Change the sequence state, remembering the value before this batch."""
+        self._undo.setdefault(key, self._last.get(key))
+        self._last[key] = value
 
     def _sequence(
         self, conn: sqlite3.Connection, node: str, channel: str, seq: int, now: float
@@ -309,7 +322,7 @@ class Store:
         """Track ``seq``; record a gap it reveals or close one it fills. False for a duplicate."""
         self._ensure_node(conn, node)
         step = fleet.next_seq(self._last[(node, channel)], seq)
-        self._last[(node, channel)] = step.last
+        self._set_last((node, channel), step.last)
         if step.gap is not None:
             with self._shed_lock:
                 shed_here = node in self._shed_nodes

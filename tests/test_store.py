@@ -151,8 +151,13 @@ async def test_a_failed_batch_leaves_the_writer_alive_and_shows_as_a_gap(store: 
     await store.flush()
     pages = await store.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
     await store.write(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))  # disk full
-    for seq in range(2, 40):
+    release = threading.Event()
+    busy = asyncio.ensure_future(store.write(lambda db: release.wait(10)))
+    await asyncio.sleep(0.1)
+    for seq in range(2, 40):  # one batch, queued while the writer is busy
         store.ingest(_telemetry("n1", seq))
+    release.set()
+    await busy
     await store.flush()  # the writer answers: it survived the failed batch
     await store.write(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
     store.ingest(_telemetry("n1", 40))
