@@ -62,11 +62,18 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class OrdersConfig:
+    # The aggregator's Ed25519 order-signing public key (PEM), received at enrollment.
+    signing_key_file: Path = Path("/etc/virt8ra/order-signing.pub")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     node: NodeConfig
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    orders: OrdersConfig = field(default_factory=OrdersConfig)
 
 
 def load(path: Path) -> AgentConfig:
