@@ -253,9 +253,39 @@ class Report:
     error: str = ""
 
 
-Message: TypeAlias = Status | Telemetry | LifecycleEvent | TelemetryGap | Order | Report
+@dataclass(frozen=True, slots=True)
+class RenewRequest:
+    """The node asks for a new certificate before its own expires: a PEM CSR for a key it made.
+    Sent on the node's events channel, so only the node itself can send it (mTLS + ACL)."""
+
+    TYPE: typing.ClassVar[str] = "renew_request"
+    node: str
+    seq: int
+    ts: float
+    csr: str
+    not_after: float  # when the node's current certificate expires
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """The aggregator's answer to a :class:`RenewRequest`, on the node's orders topic. Needs no
+    order signature: the node accepts it only if the fleet CA signed it for the node's new key."""
+
+    TYPE: typing.ClassVar[str] = "certificate"
+    node: str
+    ts: float
+    certificate: str
+    not_after: float
+
+
+Message: TypeAlias = (
+    Status | Telemetry | LifecycleEvent | TelemetryGap | Order | Report | RenewRequest
+    | Certificate
+)
 MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
-    cls.TYPE: cls for cls in (Status, Telemetry, LifecycleEvent, TelemetryGap, Order, Report)
+    cls.TYPE: cls
+    for cls in (Status, Telemetry, LifecycleEvent, TelemetryGap, Order, Report, RenewRequest,
+                Certificate)
 }
 
 
@@ -506,5 +536,7 @@ CHANNEL_OF: Final[dict[str, Channel]] = {
     LifecycleEvent.TYPE: "events",
     TelemetryGap.TYPE: "events",
     Report.TYPE: "events",
+    RenewRequest.TYPE: "events",
     Order.TYPE: "orders",
+    Certificate.TYPE: "orders",
 }

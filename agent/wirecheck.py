@@ -102,7 +102,9 @@ def _value(src: _Source, tp: Any, var: str, field: str, indent: int, depth: int)
         src.emit(indent + 1, "try:")
         _value(src, typing.get_args(tp)[1], item, "", indent + 2, depth + 1)
         src.emit(indent + 1, "except ProtocolError as _e:")
-        src.emit(indent + 2, f"raise _within(_e, {field!r} + '.' + {key}) from None")
+        # An empty key adds nothing to the path, as in wire.decode.
+        src.emit(indent + 2, f"raise _within(_e, {field!r} + '.' + {key} if {key} else {field!r})"
+                             " from None")
     elif dataclasses.is_dataclass(tp):
         src.emit(indent, "try:")
         src.emit(indent + 1, f"{_dataclass(src, typing.cast(type, tp))}({var})")

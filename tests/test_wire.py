@@ -25,6 +25,14 @@ NODE = "edge-fra-01"
 VM_RUNNING = "5c0f8a5e-2f6b-4a53-9b2e-0d6f6c0f4a11"
 VM_STOPPED = "9a3d2c41-7e1b-4c6f-8a0d-3b5e7f9c1d22"
 ORDER_ID = "ord-20241122-0001"
+CSR = (
+    "-----BEGIN CERTIFICATE REQUEST-----\nMIIBBjCBrQIBADAWMRQwEgYDVQQDDAtlZGdlLWZyYS0wMQ==\n"
+    "-----END CERTIFICATE REQUEST-----\n"
+)
+CERT = (
+    "-----BEGIN CERTIFICATE-----\nMIIB1jCCAXygAwIBAgIUQm9ndXMgc2FtcGxlIGNlcnQ=\n"
+    "-----END CERTIFICATE-----\n"
+)
 
 INVENTORY = wire.Inventory(
     hostname="edge-fra-01.example.net",
@@ -150,6 +158,12 @@ EXAMPLES: dict[str, wire.Message] = {
         state="done",
         result={"domain_id": 7, "state": "running", "boot_ms": 812.5, "autostart": True},
         error="",
+    ),
+    "renew_request": wire.RenewRequest(
+        node=NODE, seq=4_716, ts=1_732_243_600.0, csr=CSR, not_after=1_732_502_800.0
+    ),
+    "certificate": wire.Certificate(
+        node=NODE, ts=1_732_243_601.0, certificate=CERT, not_after=1_732_848_401.0
     ),
 }
 
@@ -707,3 +721,14 @@ def test_numbers_must_fit_a_store(path: tuple[str, ...], value: Any, reason: str
             parse(data)
         assert info.value.field == ".".join(path)
         assert info.value.reason == reason
+
+
+def test_empty_map_key_names_the_map_in_both_checkers() -> None:
+    # Found by the envelope fuzz test: the fast check once named the field "params.".
+    body = {**wire.to_plain(EXAMPLES["order"]), "params": {"": None}, "v": 1, "t": "order"}
+    data = msgpack.packb(body, use_bin_type=True)
+    with pytest.raises(wire.ProtocolError) as slow:
+        wire.decode(data)
+    with pytest.raises(wire.ProtocolError) as fast:
+        wirecheck.check(data)
+    assert slow.value.field == fast.value.field == "params"

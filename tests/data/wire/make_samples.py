@@ -25,6 +25,9 @@ NODE = "edge-fra-01"
 VM_RUNNING = "5c0f8a5e-2f6b-4a53-9b2e-0d6f6c0f4a11"
 VM_STOPPED = "9a3d2c41-7e1b-4c6f-8a0d-3b5e7f9c1d22"
 ORDER_ID = "ord-20241122-0001"
+# Shortened PEM blocks: the wire carries them as text; what is inside is the PKI's business.
+CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMIIBBjCBrQIBADAWMRQwEgYDVQQDDAtlZGdlLWZyYS0wMQ==\n-----END CERTIFICATE REQUEST-----\n"
+CERT = "-----BEGIN CERTIFICATE-----\nMIIB1jCCAXygAwIBAgIUQm9ndXMgc2FtcGxlIGNlcnQ=\n-----END CERTIFICATE-----\n"
 
 INVENTORY: dict[str, Any] = {
     "hostname": "edge-fra-01.example.net",
@@ -234,6 +237,23 @@ V1: dict[str, dict[str, Any]] = {
         "error": "",
         "v": 1,
         "t": "report",
+    },
+    "renew_request": {
+        "node": NODE,
+        "seq": 4_716,
+        "ts": 1_732_243_600.0,
+        "csr": CSR,
+        "not_after": 1_732_502_800.0,
+        "v": 1,
+        "t": "renew_request",
+    },
+    "certificate": {
+        "node": NODE,
+        "ts": 1_732_243_601.0,
+        "certificate": CERT,
+        "not_after": 1_732_848_401.0,
+        "v": 1,
+        "t": "certificate",
     },
 }
 
