@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.profiles import Profile
-from aggregator import auth, queries
+from aggregator import audit, auth, queries, trust
 from aggregator.auth import ROLES
 from aggregator.enrollment import (
     EnrollmentError,
@@ -26,6 +26,8 @@ from aggregator.enrollment import (
     create_token,
     enroll,
     hash_secret,
+    list_tokens,
+    withdraw_token,
 )
 from aggregator.metrics import render_metrics
 from aggregator.pki import CertificateAuthority
@@ -62,9 +64,15 @@ class Services:
     broker_host: str
     broker_port: int
     metrics: Callable[[], dict[str, float]]
+    order_public_key: str  # PEM, handed to every node at enrollment
+    # Revoke a node: (node, actor, reason) -> what was done; CRL, broker reload, cut-off.
+    revoke: Callable[[str, str, str], Awaitable[dict[str, Any]]]
+    # Certificates were revoked some other way (a node enrolled again): renew the CRL.
+    crl_changed: Callable[[], Awaitable[None]]
 
 
 SERVICES = web.AppKey("services", Services)
+ACTOR_KEY = web.RequestKey("actor", str)  # who is acting, for the audit trail
 
 
 def error(status: int, code: str, message: str) -> web.Response:
@@ -199,26 +207,112 @@ async def create_enrollment_token(request: web.Request) -> web.Response:
     ttl = body.get("ttl_seconds", 7200)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 60 <= ttl <= 30 * 86400:
         raise ApiError(400, "invalid_request", "ttl_seconds must be a number from 60 to 2592000")
+    node_id = body.get("node_id")
+    if node_id is not None and not isinstance(node_id, str):
+        raise ApiError(400, "invalid_request", "node_id must be a string")
     scope = TokenScope(**fields)
-    now = time.time()
-    result = await svc.store.write(lambda db: create_token(db, scope, float(ttl), now))
+    now, actor = time.time(), _actor(request)
+    result = await svc.store.write(
+        lambda db: create_token(db, scope, float(ttl), now, actor=actor, node_id=node_id)
+    )
     result["ca_fingerprint"] = svc.ca.fingerprint()
     result.update(fields)
     return web.json_response(result, status=201)
 
 
+async def list_enrollment_tokens(request: web.Request) -> web.Response:
+    state = request.query.get("state", "")
+    if state not in ("", "active", "used", "expired", "withdrawn"):
+        raise ApiError(400, "invalid_query",
+                       "state must be one of active, used, expired, withdrawn")
+    tokens = await _svc(request).store.read(lambda c: list_tokens(c, time.time(), state))
+    return web.json_response({"tokens": tokens})
+
+
+def _int_id(request: web.Request, what: str) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(404, "not_found", f"no {what} {raw!r}")
+    return int(raw)
+
+
+async def withdraw_enrollment_token(request: web.Request) -> web.Response:
+    token_id = _int_id(request, "enrollment token")
+    now, actor = time.time(), _actor(request)
+    row = await _svc(request).store.write(lambda db: withdraw_token(db, token_id, now, actor))
+    return web.json_response(row)
+
+
 async def enroll_node(request: web.Request) -> web.Response:
     svc = _svc(request)
-    req = EnrollRequest.from_json(await _json_body(request))
     now = time.time()
-    result = await svc.store.write(lambda db: enroll(db, svc.ca, req, now, svc.cert_days))
+    req: EnrollRequest | None = None
+    try:
+        req = EnrollRequest.from_json(await _json_body(request))
+        result = await svc.store.write(
+            lambda db: enroll(db, svc.ca, req, now, svc.cert_days, svc.profiles)
+        )
+    except (EnrollmentError, ApiError) as exc:
+        code, node = exc.code, req.node_id if req is not None else ""
+        await svc.store.write(lambda db: audit.record(
+            db, now, f"peer:{request.remote}", "node.enroll", node, "refused", reason=code,
+        ))
+        raise
+    if result.get("re_enrollment"):
+        await svc.crl_changed()  # the node's earlier certificates are revoked now
     result["broker"] = {"host": svc.broker_host, "port": svc.broker_port}
+    result["order_signing_key"] = svc.order_public_key
     return web.json_response(result, status=201)
 
 
 async def ca_certificate(request: web.Request) -> web.Response:
     svc = _svc(request)
-    return web.json_response({"ca": svc.ca.cert_pem(), "fingerprint": svc.ca.fingerprint()})
+    return web.json_response(
+        {"ca": svc.ca.cert_pem(), "fingerprint": svc.ca.fingerprint(), "time": time.time()}
+    )
+
+
+async def revoke_node(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    node_id = _node_id(request)
+    reason = ""
+    if request.can_read_body:
+        body = await _json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
+            raise ApiError(400, "invalid_request", "body must be {\"reason\": string}")
+        reason = body.get("reason", "")[:500]
+    result = await svc.revoke(node_id, _actor(request), reason)
+    return web.json_response(result)
+
+
+async def audit_events(request: web.Request) -> web.Response:
+    since = _query_time(request, "since")
+    action = request.query.get("action", "")
+    subject = request.query.get("subject", "")
+    try:
+        limit = int(request.query.get("limit", "200"))
+        if not 1 <= limit <= 10000:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "invalid_query", "limit must be an integer from 1 to 10000") from None
+    events = await _svc(request).store.read(
+        lambda c: audit.events(c, since, action, subject, limit)
+    )
+    return web.json_response({"events": events})
+
+
+async def list_api_tokens(request: web.Request) -> web.Response:
+    tokens = await _svc(request).store.read(trust.list_api_tokens)
+    return web.json_response({"tokens": tokens})
+
+
+async def revoke_api_token(request: web.Request) -> web.Response:
+    token_id = _int_id(request, "API token")
+    now, actor = time.time(), _actor(request)
+    row = await _svc(request).store.write(
+        lambda db: trust.revoke_api_token(db, token_id, now, actor)
+    )
+    return web.json_response(row)
 
 
 async def create_api_token(request: web.Request) -> web.Response:
@@ -231,9 +325,12 @@ async def create_api_token(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_request", f"role must be one of {', '.join(ROLES)}")
     if not isinstance(name, str) or len(name) > 100:
         raise ApiError(400, "invalid_request", "name must be a string of at most 100 characters")
-    now = time.time()
-    token = await svc.store.write(lambda db: auth.create_api_token(db, str(role), name, now))
-    return web.json_response({"token": token, "role": role, "name": name}, status=201)
+    now, actor = time.time(), _actor(request)
+    token_id, token = await svc.store.write(
+        lambda db: auth.create_api_token(db, str(role), name, now, actor=actor)
+    )
+    return web.json_response({"id": token_id, "token": token, "role": role, "name": name},
+                             status=201)
 
 
 _NODE_404 = {404: "no such node"}
@@ -257,23 +354,50 @@ ROUTES: tuple[Route, ...] = (
           body={"type": "object", "required": ["site", "country", "provider", "profile"],
                 "properties": {"site": {"type": "string"}, "country": {"type": "string"},
                                "provider": {"type": "string"}, "profile": {"type": "string"},
-                               "ttl_seconds": {"type": "number"}}},
+                               "ttl_seconds": {"type": "number"},
+                               "node_id": {"type": "string", "description":
+                                           "bind the token to this node id: re-enrolls an"
+                                           " enrolled node"}}},
           responses={201: "token created", 400: "bad request"}),
+    Route("GET", "/api/v1/enrollment-tokens", list_enrollment_tokens, ("admin", "technician"),
+          "Every enrollment token with its scope and state (never the token itself)",
+          query=(("state", "only tokens in this state: active, used, expired, withdrawn"),),
+          responses={400: "bad query"}),
+    Route("DELETE", "/api/v1/enrollment-tokens/{id}", withdraw_enrollment_token,
+          ("admin", "technician"), "Withdraw an unused enrollment token",
+          responses={404: "no such token", 409: "the token was used already"}),
     Route("GET", "/api/v1/ca", ca_certificate, PUBLIC,
           "The fleet CA certificate, for nodes to check against their pinned fingerprint"),
     Route("POST", "/api/v1/enroll", enroll_node, PUBLIC,
           "A node trades its enrollment token and CSR for a certificate",
           body={"type": "object", "required": ["token", "node_id", "csr"],
                 "properties": {"token": {"type": "string"}, "node_id": {"type": "string"},
-                               "csr": {"type": "string"}, "inventory": {"type": "object"}}},
+                               "csr": {"type": "string"}, "inventory": {"type": "object"},
+                               "facts": {"type": "object"}}},
           responses={201: "enrolled", 400: "bad request", 403: "token refused",
-                     409: "node already enrolled"}),
+                     409: "node already enrolled", 422: "the host does not meet its profile"}),
+    Route("POST", "/api/v1/nodes/{id}/revoke", revoke_node, ("admin", "operator"),
+          "Revoke a node: its certificates go into the CRL and its broker session is dropped",
+          body={"type": "object", "properties": {"reason": {"type": "string"}}},
+          responses=_NODE_404),
+    Route("GET", "/api/v1/audit", audit_events, ("admin", "operator"),
+          "The audit trail: enrollments, renewals, revocations, token use, newest first",
+          query=(("since", "from this time (unix seconds or ISO 8601)"),
+                 ("action", "an action (e.g. node.revoke) or a prefix (node)"),
+                 ("subject", "what was acted on, e.g. a node id"),
+                 ("limit", "most recent events to return, 1-10000 (default 200)")),
+          responses={400: "bad query"}),
     Route("POST", "/api/v1/api-tokens", create_api_token, ("admin",),
           "A bearer token for a role",
           body={"type": "object", "required": ["role"],
                 "properties": {"role": {"type": "string", "enum": list(ROLES)},
                                "name": {"type": "string"}}},
           responses={201: "token created", 400: "bad request"}),
+    Route("GET", "/api/v1/api-tokens", list_api_tokens, ("admin",),
+          "Every API token with its role and state (never the token itself)"),
+    Route("DELETE", "/api/v1/api-tokens/{id}", revoke_api_token, ("admin",),
+          "Revoke an API token",
+          responses={404: "no such token", 409: "the last admin token"}),
 )
 
 
@@ -318,16 +442,17 @@ def openapi_document(routes: tuple[Route, ...]) -> dict[str, Any]:
 
 # --- middleware -----------------------------------------------------------------------------
 
-ROLES_KEY = "virt8ra_roles"
+def _actor(request: web.Request) -> str:
+    return request.get(ACTOR_KEY, "anonymous")
 
 
-async def _role_of(request: web.Request) -> str | None:
+async def _identity(request: web.Request) -> tuple[int, str, str] | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     digest = hash_secret(token.strip())
-    return await _svc(request).store.read(lambda c: queries.role_of_token(c, digest))
+    return await _svc(request).store.read(lambda c: queries.token_identity(c, digest))
 
 
 @web.middleware
@@ -335,20 +460,41 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     route: Route | None = getattr(request.match_info.route, "virt8ra_route", None)
     try:
         if route is not None and route.roles:
-            role = await _role_of(request)
-            if role is None:
+            identity = await _identity(request)
+            if identity is None:
                 return error(401, "unauthorized", "a valid bearer token is required")
+            token_id, name, role = identity
+            request[ACTOR_KEY] = f"token:{token_id}:{name}"
             if role not in route.roles:
+                await _audit_request(request, route, 403)
                 return error(403, "forbidden", f"role {role!r} may not {route.method} {route.path}")
+        response = await _handle(request, handler)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    if route is not None and route.roles and route.method != "GET":
+        await _audit_request(request, route, response.status)
+    return response
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
         return await handler(request)
     except ApiError as exc:
         return error(exc.status, exc.code, exc.message)
     except EnrollmentError as exc:
         return error(exc.status, exc.code, str(exc))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-        raise
+
+
+async def _audit_request(request: web.Request, route: Route, status: int) -> None:
+    """Every use of an API token to change something, allowed or not, is on record."""
+    now, actor = time.time(), _actor(request)
+    outcome = "ok" if status < 400 else ("forbidden" if status == 403 else "failed")
+    await _svc(request).store.write(lambda db: audit.record(
+        db, now, actor, "api.request", request.path, outcome,
+        method=route.method, route=route.path, status=status,
+    ))
 
 
 def make_app(services: Services) -> web.Application:

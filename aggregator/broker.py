@@ -26,11 +26,15 @@ class BrokerError(Exception):
 
 
 ACL = f"""\
-# virt8ra broker ACL: the certificate's CN is the user name.
+# virt8ra broker ACL: the certificate's CN is the user name (and the client id).
+# The aggregator's ingest session: reads what nodes send.
 user aggregator
 topic read {subscription("status")}
 topic read {subscription("telemetry")}
 topic read {subscription("events")}
+
+# The aggregator's control session: writes to nodes' orders topics.
+user aggregator-control
 topic write {subscription("orders")}
 
 # Every node: write only under its own subtree, read only its own orders.
@@ -72,6 +76,8 @@ keyfile {d / "broker.key"}
 crlfile {layout.crl}
 require_certificate true
 use_identity_as_username true
+# The client id is the certificate's name too: no client can take over another's session.
+use_username_as_clientid true
 """
     path = d / "mosquitto.conf"
     path.write_text(conf)
@@ -160,6 +166,15 @@ class BrokerSupervisor:
         except (OSError, ValueError):
             return None
         return pid if [a.decode(errors="replace") for a in cmdline] == self._argv else None
+
+    def reload(self) -> bool:
+        """SIGHUP: the broker re-reads its CRL (and ACL) without dropping anyone; False when
+        it is not running."""
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return False
+        proc.send_signal(signal.SIGHUP)
+        return True
 
     async def terminate(self) -> None:
         proc = self.process

@@ -13,14 +13,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
+from rich.console import Console
+from rich.table import Table
 
 from agent.configfile import ConfigError
 from agent.profiles import default_profiles_dir, load_profiles
-from aggregator import service
+from aggregator import service, trust
 from aggregator.auth import ROLES, create_api_token
 from aggregator.broker import BrokerError
 from aggregator.config import Layout
-from aggregator.enrollment import EnrollmentError, TokenScope, create_token
+from aggregator.enrollment import (
+    EnrollmentError,
+    TokenScope,
+    create_token,
+    list_tokens,
+    withdraw_token,
+)
 from aggregator.pki import CertificateAuthority
 from aggregator.store import Store
 
@@ -64,7 +72,9 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
     scope = TokenScope(args.site, args.country, args.provider, args.profile)
     now = time.time()
     result: dict[str, Any] = _with_store(
-        args.data_dir, lambda db: create_token(db, scope, parse_ttl(args.ttl), now)
+        args.data_dir,
+        lambda db: create_token(db, scope, parse_ttl(args.ttl), now, actor="cli",
+                                node_id=args.node_id or None),
     )
     result["ca_fingerprint"] = CertificateAuthority(Layout(args.data_dir).pki).fingerprint()
     print(json.dumps(result, indent=2) if args.json else
@@ -74,10 +84,57 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(ts: float | None) -> str:
+    return "" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+
+def _table(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(*columns, box=None)
+    for row in rows:
+        table.add_row(*(
+            _when(row[c]) if c.endswith("_at") else str("" if row[c] is None else row[c])
+            for c in columns
+        ))
+    Console().print(table)
+
+
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    now = time.time()
+    rows = _with_store(args.data_dir, lambda db: list_tokens(db.conn, now, args.state))
+    _table(args, rows, ["id", "state", "site", "country", "provider", "profile", "node_id",
+                        "expires_at", "used_by"])
+    return 0
+
+
+def _cmd_token_withdraw(args: argparse.Namespace) -> int:
+    now = time.time()
+    row = _with_store(args.data_dir, lambda db: withdraw_token(db, args.id, now, "cli"))
+    print(f"enrollment token {row['id']} is {row['state']}")
+    return 0
+
+
 def _cmd_apikey_create(args: argparse.Namespace) -> int:
     now = time.time()
-    token = _with_store(args.data_dir, lambda db: create_api_token(db, args.role, args.name, now))
+    _, token = _with_store(
+        args.data_dir, lambda db: create_api_token(db, args.role, args.name, now, actor="cli")
+    )
     print(token)
+    return 0
+
+
+def _cmd_apikey_list(args: argparse.Namespace) -> int:
+    rows = _with_store(args.data_dir, lambda db: trust.list_api_tokens(db.conn))
+    _table(args, rows, ["id", "state", "role", "name", "created_at", "revoked_at"])
+    return 0
+
+
+def _cmd_apikey_revoke(args: argparse.Namespace) -> int:
+    now = time.time()
+    row = _with_store(args.data_dir, lambda db: trust.revoke_api_token(db, args.id, now, "cli"))
+    print(f"API token {row['id']} ({row['role']}, {row['name']!r}) is revoked")
     return 0
 
 
@@ -121,8 +178,19 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--provider", required=True)
     sp.add_argument("--profile", required=True)
     sp.add_argument("--ttl", default="2h", help="lifetime: 90s, 30m, 2h, 7d (default 2h)")
+    sp.add_argument("--node-id", default="",
+                    help="bind the token to this node id: re-enrolls an enrolled node")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_token_create)
+    sp = tok.add_parser("list", help="every enrollment token and its state")
+    data_dir(sp)
+    sp.add_argument("--state", default="", choices=["", "active", "used", "expired", "withdrawn"])
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_token_list)
+    sp = tok.add_parser("withdraw", help="withdraw an unused enrollment token")
+    data_dir(sp)
+    sp.add_argument("id", type=int)
+    sp.set_defaults(func=_cmd_token_withdraw)
 
     key = sub.add_parser("apikey", help="API bearer tokens").add_subparsers(dest="action",
                                                                            required=True)
@@ -131,6 +199,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--role", required=True, choices=ROLES)
     sp.add_argument("--name", default="")
     sp.set_defaults(func=_cmd_apikey_create)
+    sp = key.add_parser("list", help="every API token and its state")
+    data_dir(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_apikey_list)
+    sp = key.add_parser("revoke", help="revoke an API token")
+    data_dir(sp)
+    sp.add_argument("id", type=int)
+    sp.set_defaults(func=_cmd_apikey_revoke)
     return p
 
 

@@ -84,7 +84,14 @@ class RetentionConfig:
 
 @dataclass(frozen=True)
 class PkiConfig:
-    node_cert_days: float = 30.0
+    # Node certificates are short-lived: agents renew at two thirds of the lifetime.
+    node_cert_days: float = 7.0
+    # How long a CRL is valid; it is re-signed at half that, and at every revocation.
+    crl_days: float = 7.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.node_cert_days <= 825 or not 0 < self.crl_days <= 365:
+            raise ValueError("node_cert_days must be in (0, 825] and crl_days in (0, 365]")
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,22 @@ class Layout:
     @property
     def client_key(self) -> Path:
         return self.pki / "aggregator.key"
+
+    @property
+    def control_cert(self) -> Path:
+        return self.pki / "control.crt"
+
+    @property
+    def control_key(self) -> Path:
+        return self.pki / "control.key"
+
+    @property
+    def order_key(self) -> Path:
+        return self.pki / "order-signing.key"
+
+    @property
+    def order_public_key(self) -> Path:
+        return self.pki / "order-signing.pub"
 
     @property
     def ca_cert(self) -> Path:

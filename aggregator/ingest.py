@@ -1,4 +1,4 @@
-"""Ingest: the aggregator's MQTT session, the only module of the aggregator that imports aiomqtt.
+"""Ingest: the aggregator's receiving MQTT session (control.py holds the sending one).
 
 aiomqtt owns the connection (TLS, reconnects, futures). The receive path is deliberately
 lean: paho's ``on_message`` callback checks each payload and passes it on, without aiomqtt's
@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -34,6 +35,7 @@ from agent.wire import (
     CHANNEL_OF,
     LifecycleEvent,
     ProtocolError,
+    RenewRequest,
     Report,
     Status,
     Telemetry,
@@ -256,9 +258,11 @@ class Ingest:
     store. Bad input is counted and dropped; past the store's bound telemetry is shed
     visibly (counted, and recorded as a gap when the node's next number arrives)."""
 
-    def __init__(self, store: Store, settings: ReceiverSettings) -> None:
+    def __init__(self, store: Store, settings: ReceiverSettings,
+                 on_renew: Callable[[RenewRequest], None] | None = None) -> None:
         self._store = store
         self._settings = settings
+        self._on_renew = on_renew
         self.counters = IngestCounters()
         self.connected = asyncio.Event()
         self.restarts = 0
@@ -280,6 +284,10 @@ class Ingest:
                     store.ingest(StatusIn(msg, received_at, retained))
                 elif isinstance(msg, LifecycleEvent | TelemetryGap | Report):
                     store.ingest(EventIn(msg, received_at))
+                elif isinstance(msg, RenewRequest):
+                    store.ingest(EventIn(msg, received_at))
+                    if self._on_renew is not None:
+                        self._on_renew(msg)
             elif code == "x":
                 c.received += 1
                 _, node, field_name, reason = record

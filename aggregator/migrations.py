@@ -103,8 +103,38 @@ def _m001_foundation(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_trust(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        ALTER TABLE nodes ADD COLUMN revoked_at REAL;
+        ALTER TABLE nodes ADD COLUMN revoked_reason TEXT NOT NULL DEFAULT '';
+        -- A token bound to a node id may re-enroll that (existing) node; others make new ones.
+        ALTER TABLE enrollment_tokens ADD COLUMN node_id TEXT;
+        ALTER TABLE enrollment_tokens ADD COLUMN withdrawn_at REAL;
+        ALTER TABLE enrollment_tokens ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+        ALTER TABLE certificates ADD COLUMN kind TEXT NOT NULL DEFAULT 'enroll';
+        ALTER TABLE certificates ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+        ALTER TABLE certificates ADD COLUMN pem TEXT NOT NULL DEFAULT '';
+        CREATE INDEX certificates_node ON certificates (node_id, issued_at);
+        CREATE INDEX certificates_key ON certificates (key_id);
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            subject TEXT NOT NULL DEFAULT '',
+            outcome TEXT NOT NULL DEFAULT 'ok',
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX audit_ts ON audit (ts);
+        CREATE INDEX audit_subject ON audit (subject, ts);
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
+    ("002_trust", _m002_trust),
 ]
 
 

@@ -54,6 +54,10 @@ def _cmd_nodes(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_node(args: argparse.Namespace, console: Console) -> int:
+    if args.id == "revoke":
+        if not args.target:
+            raise ApiClientError("usage: virt8ra node revoke NODE [--reason TEXT]")
+        return _revoke(args, console)
     node = _client(args).get(f"/api/v1/nodes/{args.id}")
     if args.json:
         print(json.dumps(node, indent=2))
@@ -79,6 +83,86 @@ def _cmd_node(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _revoke(args: argparse.Namespace, console: Console) -> int:
+    done = _client(args).post(f"/api/v1/nodes/{args.target}/revoke", {"reason": args.reason})
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    console.print(f"[bold red]revoked[/] {done['node']}: {len(done['serials'])} certificate(s) "
+                  "in the CRL; broker session "
+                  + ("dropped" if done["session_dropped"] else "[yellow]not dropped[/] (see log)"))
+    return 0
+
+
+def _rows(console: Console, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    table = Table()
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row.get(col)
+            if col.endswith("_at") or col == "ts":
+                value = "" if value is None else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                               time.gmtime(value))
+            cells.append("" if value is None else str(value))
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _cmd_token_list(args: argparse.Namespace, console: Console) -> int:
+    tokens = _client(args).get("/api/v1/enrollment-tokens",
+                               **({"state": args.state} if args.state else {}))["tokens"]
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+    else:
+        _rows(console, tokens, ["id", "state", "site", "country", "provider", "profile",
+                                "node_id", "expires_at", "used_by"])
+    return 0
+
+
+def _cmd_token_withdraw(args: argparse.Namespace, console: Console) -> int:
+    row = _client(args).request("DELETE", f"/api/v1/enrollment-tokens/{args.id}")
+    console.print(f"enrollment token {row['id']} is {row['state']}")
+    return 0
+
+
+def _cmd_apikey_create(args: argparse.Namespace, console: Console) -> int:
+    made = _client(args).post("/api/v1/api-tokens", {"role": args.role, "name": args.name})
+    print(json.dumps(made, indent=2) if args.json else made["token"])
+    return 0
+
+
+def _cmd_apikey_list(args: argparse.Namespace, console: Console) -> int:
+    tokens = _client(args).get("/api/v1/api-tokens")["tokens"]
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+    else:
+        _rows(console, tokens, ["id", "state", "role", "name", "created_at", "revoked_at"])
+    return 0
+
+
+def _cmd_apikey_revoke(args: argparse.Namespace, console: Console) -> int:
+    row = _client(args).request("DELETE", f"/api/v1/api-tokens/{args.id}")
+    console.print(f"API token {row['id']} ({row['role']}, {row['name']!r}) is revoked")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
+    query = {"limit": str(args.limit)}
+    for name in ("since", "action", "subject"):
+        if getattr(args, name):
+            query[name] = getattr(args, name)
+    events = _client(args).get("/api/v1/audit", **query)["events"]
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    for e in events:
+        e["detail"] = json.dumps(e["detail"], sort_keys=True)
+    _rows(console, events, ["ts", "actor", "action", "subject", "outcome", "detail"])
+    return 0
+
+
 def _cmd_telemetry(args: argparse.Namespace, console: Console) -> int:
     query = {"limit": str(args.limit)}
     if args.metric:
@@ -91,10 +175,13 @@ def _cmd_telemetry(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_token(args: argparse.Namespace, console: Console) -> int:
-    grant = _client(args).post("/api/v1/enrollment-tokens", {
+    body: dict[str, Any] = {
         "site": args.site, "country": args.country, "provider": args.provider,
         "profile": args.profile, "ttl_seconds": args.ttl,
-    })
+    }
+    if args.node_id:
+        body["node_id"] = args.node_id
+    grant = _client(args).post("/api/v1/enrollment-tokens", body)
     print(json.dumps(grant, indent=2))
     return 0
 
@@ -115,8 +202,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_nodes)
 
-    sp = sub.add_parser("node", help="one node with its VMs and gaps")
-    sp.add_argument("id")
+    sp = sub.add_parser("node", help="one node with its VMs and gaps; `node revoke NODE` cuts"
+                                     " a node off the fleet")
+    sp.add_argument("id", help="a node id, or `revoke`")
+    sp.add_argument("target", nargs="?", default="", help="with revoke: the node to revoke")
+    sp.add_argument("--reason", default="", help="with revoke: why, for the audit trail")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_node)
 
@@ -127,11 +217,45 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=20)
     sp.set_defaults(func=_cmd_telemetry)
 
-    sp = sub.add_parser("enrollment-token", help="a one-time token to enroll a node")
+    tok = sub.add_parser("enrollment-token", help="one-time tokens that enroll nodes")
+    tsub = tok.add_subparsers(dest="action", required=True)
+    sp = tsub.add_parser("create", help="a one-time token to enroll a node")
     for name in ("site", "country", "provider", "profile"):
         sp.add_argument(f"--{name}", required=True)
     sp.add_argument("--ttl", type=int, default=7200, help="seconds (default 7200)")
+    sp.add_argument("--node-id", default="", help="bind to this node id: re-enrolls it")
     sp.set_defaults(func=_cmd_token)
+    sp = tsub.add_parser("list", help="every enrollment token and its state")
+    sp.add_argument("--state", default="", choices=["", "active", "used", "expired",
+                                                    "withdrawn"])
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_token_list)
+    sp = tsub.add_parser("withdraw", help="withdraw an unused token")
+    sp.add_argument("id", type=int)
+    sp.set_defaults(func=_cmd_token_withdraw)
+
+    key = sub.add_parser("api-token", help="API bearer tokens (admin)")
+    ksub = key.add_subparsers(dest="action", required=True)
+    sp = ksub.add_parser("create", help="a bearer token for a role")
+    sp.add_argument("--role", required=True,
+                    choices=["admin", "operator", "viewer", "technician"])
+    sp.add_argument("--name", default="")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_apikey_create)
+    sp = ksub.add_parser("list", help="every API token and its state")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_apikey_list)
+    sp = ksub.add_parser("revoke", help="revoke an API token")
+    sp.add_argument("id", type=int)
+    sp.set_defaults(func=_cmd_apikey_revoke)
+
+    sp = sub.add_parser("audit", help="the audit trail, newest first")
+    sp.add_argument("--since", default="")
+    sp.add_argument("--action", default="", help="e.g. node.revoke, or a prefix: node")
+    sp.add_argument("--subject", default="", help="e.g. a node id")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_audit)
 
     sp = sub.add_parser("demo", help="run the whole system on this machine")
     sp.add_argument("--data-dir", type=Path, required=True)

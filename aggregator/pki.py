@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Our own attribute for the hardware profile (the others are standard name attributes).
@@ -44,6 +44,15 @@ class Issued:
     not_after: float
 
 
+@dataclass(frozen=True, slots=True)
+class Ephemeral:
+    """A certificate and key held only in memory (PEM), for one short task."""
+
+    certificate_pem: str
+    key_pem: str
+    serial: int
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -61,12 +70,30 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """``sha256:<hex>`` of a public key's DER SubjectPublicKeyInfo."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def make_order_key(key_path: Path, public_path: Path) -> None:
+    """The aggregator's Ed25519 order-signing key; its public half goes to every node."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    _write(key_path, _key_pem(key), 0o600)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _write(public_path, public, 0o644)
 
 
 def fingerprint(cert_pem: bytes) -> str:
@@ -183,18 +210,7 @@ class CertificateAuthority:
 
     def sign_node_csr(self, csr_pem: str, attrs: NodeAttributes, days: float) -> Issued:
         """Sign a node's CSR; the subject is ours, built from ``attrs``, not from the CSR."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem.encode())
-        except (ValueError, TypeError) as exc:
-            raise PkiError(f"csr is not a PEM certificate request: {exc}") from None
-        try:
-            if not csr.is_signature_valid:
-                raise PkiError("csr signature does not verify")
-        except InvalidSignature:
-            raise PkiError("csr signature does not verify") from None
-        key = csr.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-            raise PkiError("csr key must be EC P-256")
+        csr, key = _load_csr(csr_pem)
         asked = {a.oid: a.value for a in csr.subject}
         cn = asked.get(NameOID.COMMON_NAME)
         if cn is not None and cn != attrs.node_id:
@@ -217,6 +233,16 @@ class CertificateAuthority:
         )
         return self._issue(subject, key, days, [ExtendedKeyUsageOID.CLIENT_AUTH])
 
+    def issue_ephemeral(self, cn: str, seconds: float) -> Ephemeral:
+        """A client certificate for ``cn`` that lives ``seconds``: the aggregator uses one to
+        take over a revoked node's broker session, which makes the broker drop the node."""
+        key = _new_key()
+        issued = self._issue(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), key.public_key(),
+            seconds / 86400, [ExtendedKeyUsageOID.CLIENT_AUTH],
+        )
+        return Ephemeral(issued.certificate_pem, _key_pem(key).decode(), issued.serial)
+
     def write_crl(self, path: Path, revoked_serials: list[int], days: float = 7) -> None:
         ca_cert, ca_key = self._load()
         now = _now()
@@ -232,6 +258,27 @@ class CertificateAuthority:
             )
         crl = builder.sign(ca_key, hashes.SHA256())
         _write(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _load_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise PkiError(f"csr is not a PEM certificate request: {exc}") from None
+    try:
+        if not csr.is_signature_valid:
+            raise PkiError("csr signature does not verify")
+    except InvalidSignature:
+        raise PkiError("csr signature does not verify") from None
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise PkiError("csr key must be EC P-256")
+    return csr, key
+
+
+def csr_key_id(csr_pem: str) -> str:
+    """The key id (see :func:`key_id`) of a valid CSR's public key; raises PkiError."""
+    return key_id(_load_csr(csr_pem)[1])
 
 
 def read_node_attributes(cert_pem: str) -> NodeAttributes:

@@ -21,15 +21,18 @@ HOST_METRICS: Final = tuple(
 )
 _NODE_COLUMNS = (
     "id, site, country, provider, profile, enrolled_at, reported_status, status_changed_at,"
-    " last_seen, interval_s, inventory, malformed_messages, telemetry_last_seq, events_last_seq"
+    " last_seen, interval_s, inventory, malformed_messages, telemetry_last_seq, events_last_seq,"
+    " revoked_at, revoked_reason"
 )
 
 
-def role_of_token(conn: sqlite3.Connection, token_hash: str) -> str | None:
+def token_identity(conn: sqlite3.Connection, token_hash: str) -> tuple[int, str, str] | None:
+    """``(id, name, role)`` of an unrevoked API token."""
     row = conn.execute(
-        "SELECT role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL", (token_hash,)
+        "SELECT id, name, role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+        (token_hash,),
     ).fetchone()
-    return None if row is None else str(row[0])
+    return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
 
 
 def parse_time(raw: str) -> float:
@@ -78,9 +81,10 @@ def _node(row: sqlite3.Row, now: float, factor: float, min_timeout: float,
           profiles: dict[str, Profile]) -> dict[str, Any]:
     inventory = json.loads(row["inventory"]) if row["inventory"] else None
     profile = profiles.get(row["profile"])
+    revoked = row["revoked_at"] is not None
     return {
         "id": row["id"],
-        "status": fleet.node_status(
+        "status": "revoked" if revoked else fleet.node_status(
             row["reported_status"], row["last_seen"], row["interval_s"], now, factor, min_timeout
         ),
         "site": row["site"],
@@ -94,6 +98,8 @@ def _node(row: sqlite3.Row, now: float, factor: float, min_timeout: float,
         "enrolled_at": _iso(row["enrolled_at"]),
         "reported_status": row["reported_status"],
         "interval_s": row["interval_s"],
+        "revoked_at": _iso(row["revoked_at"]),
+        "revoked_reason": row["revoked_reason"] if revoked else None,
     }
 
 
@@ -105,11 +111,13 @@ def list_nodes(conn: sqlite3.Connection, now: float, factor: float, min_timeout:
 
 def status_counts(conn: sqlite3.Connection, now: float, factor: float,
                   min_timeout: float) -> dict[str, int]:
-    counts = {"online": 0, "offline": 0}
-    for reported, last_seen, interval in conn.execute(
-        "SELECT reported_status, last_seen, interval_s FROM nodes"
+    counts = {"online": 0, "offline": 0, "revoked": 0}
+    for reported, last_seen, interval, revoked_at in conn.execute(
+        "SELECT reported_status, last_seen, interval_s, revoked_at FROM nodes"
     ):
-        counts[fleet.node_status(reported, last_seen, interval, now, factor, min_timeout)] += 1
+        status = "revoked" if revoked_at is not None else fleet.node_status(
+            reported, last_seen, interval, now, factor, min_timeout)
+        counts[status] += 1
     return counts
 
 
@@ -137,6 +145,17 @@ def node_detail(conn: sqlite3.Connection, node_id: str, now: float, factor: floa
         "host": to_plain(latest.host),
     }
     node["vms"] = [] if latest is None else [to_plain(g) for g in latest.guests]
+    if row["revoked_at"] is not None:  # what becomes of them is the operator's decision
+        for vm in node["vms"]:
+            vm["on_revoked_node"] = True
+    node["certificates"] = [
+        {"serial": serial, "kind": kind, "issued_at": _iso(issued), "not_after": _iso(until),
+         "revoked_at": _iso(revoked)}
+        for serial, kind, issued, until, revoked in conn.execute(
+            "SELECT serial, kind, issued_at, not_after, revoked_at FROM certificates"
+            " WHERE node_id = ? ORDER BY issued_at DESC LIMIT 10", (node_id,)
+        )
+    ]
     node["sequence"] = {
         "telemetry_last_seq": row["telemetry_last_seq"],
         "events_last_seq": row["events_last_seq"],

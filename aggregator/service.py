@@ -14,19 +14,24 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import sqlite_utils
 from aiohttp import web
 
 from agent import configfile, sdnotify
 from agent.profiles import Profile, default_profiles_dir, load_profiles
 from agent.tls import server_context
-from aggregator import broker, config
+from agent.wire import Certificate, RenewRequest, encode
+from aggregator import audit, broker, config, trust
 from aggregator.api import Services, make_app
 from aggregator.auth import create_api_token
 from aggregator.config import AggregatorConfig, Layout
+from aggregator.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
+from aggregator.enrollment import EnrollmentError
 from aggregator.ingest import Ingest, ReceiverSettings
-from aggregator.pki import CertificateAuthority
+from aggregator.pki import CertificateAuthority, make_order_key
 from aggregator.store import Store
 
 log = logging.getLogger("virt8ra.aggregator")
@@ -68,12 +73,13 @@ def init(data_dir: Path, *, api_host: str = "127.0.0.1", api_port: int = 8480,
                       server=True)
     ca.issue_to_files("aggregator", layout.client_cert, layout.client_key, server=False)
     ca.issue_to_files(api_host, layout.pki / "api.crt", layout.pki / "api.key", server=True)
-    ca.write_crl(layout.crl, [])
+    ensure_identities(layout, ca)
+    ca.write_crl(layout.crl, [], cfg.pki.crl_days)
     broker.write_config(layout, cfg.broker)
     store = Store(layout.database)
     store.start()
     try:
-        token = asyncio.run(
+        _, token = asyncio.run(
             store.write(lambda db: create_api_token(db, "admin", "initial admin", time.time()))
         )
     finally:
@@ -86,6 +92,15 @@ def init(data_dir: Path, *, api_host: str = "127.0.0.1", api_port: int = 8480,
         + configfile.dump_toml(table)
     )
     return InitResult(data_dir, token, ca.fingerprint())
+
+
+def ensure_identities(layout: Layout, ca: CertificateAuthority) -> None:
+    """The control session's certificate and the order-signing key: made by ``init``, and
+    added to a data directory initialised before they existed."""
+    if not layout.control_cert.exists():
+        ca.issue_to_files(CONTROL_CN, layout.control_cert, layout.control_key, server=False)
+    if not layout.order_key.exists():
+        make_order_key(layout.order_key, layout.order_public_key)
 
 
 class Aggregator:
@@ -111,7 +126,21 @@ class Aggregator:
                 key_file=self.layout.client_key,
                 client_id=cfg.ingest.client_id,
             ),
+            on_renew=self._renewal_requested,
         )
+        self.control = Control(
+            ControlSettings(
+                host=cfg.broker.host,
+                port=cfg.broker.port,
+                ca_file=self.layout.ca_cert,
+                cert_file=self.layout.control_cert,
+                key_file=self.layout.control_key,
+                scratch_dir=self.layout.pki,
+            ),
+            self.ca,
+        )
+        self._renewals: asyncio.Queue[RenewRequest] = asyncio.Queue(maxsize=10_000)
+        self.renewed = 0
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -131,18 +160,25 @@ class Aggregator:
             "virt8ra_store_batches": s.batches,
             "virt8ra_store_backlog": s.backlog,
             "virt8ra_broker_restarts": self.supervisor.restarts if self.supervisor else 0,
+            "virt8ra_certificates_renewed": self.renewed,
         }
 
     async def run(self) -> None:
         cfg = self.config
         await asyncio.to_thread(self.store.start)
         try:
+            await asyncio.to_thread(ensure_identities, self.layout, self.ca)
+            self.order_public_key = self.layout.order_public_key.read_text()
+            await self.refresh_crl()  # before the broker reads it: it may have expired meanwhile
             async with asyncio.TaskGroup() as tg:
                 if cfg.broker.managed:
                     conf = broker.write_config(self.layout, cfg.broker)
                     self.supervisor = broker.BrokerSupervisor(cfg.broker.executable, conf)
                     tg.create_task(self.supervisor.run(self.stop), name="broker")
                 tg.create_task(self.ingest.run(self.stop), name="ingest")
+                tg.create_task(self.control.run(self.stop), name="control")
+                tg.create_task(self._renewer(), name="renewals")
+                tg.create_task(self._crl_keeper(), name="crl")
                 tg.create_task(self._retention(), name="retention")
                 tg.create_task(self._api(), name="api")
                 tg.create_task(self._watchdog(), name="watchdog")
@@ -161,6 +197,9 @@ class Aggregator:
             broker_host=cfg.broker.host,
             broker_port=cfg.broker.port,
             metrics=self.figures,
+            order_public_key=self.order_public_key,
+            revoke=self.revoke,
+            crl_changed=self.refresh_crl,
         )
         runner = web.AppRunner(make_app(services), access_log=None)
         await runner.setup()
@@ -185,6 +224,87 @@ class Aggregator:
         finally:
             sdnotify.notify("STOPPING=1")
             await runner.cleanup()
+
+    # --- trust: CRL, revocation, renewal -------------------------------------------------------
+
+    async def refresh_crl(self) -> None:
+        """Write the CRL from the database and have the broker re-read it (SIGHUP)."""
+        serials = await self.store.read(lambda c: trust.crl_serials(c, time.time()))
+        await asyncio.to_thread(self.ca.write_crl, self.layout.crl, serials,
+                                self.config.pki.crl_days)
+        if self.supervisor is not None and self.supervisor.reload():
+            log.info("CRL renewed (%d revoked); the broker re-reads it", len(serials))
+        elif not self.config.broker.managed:
+            log.warning("CRL renewed at %s: have your broker re-read it (SIGHUP)",
+                        self.layout.crl)
+
+    async def _crl_keeper(self) -> None:
+        """Re-sign the CRL at half its validity: an expired CRL makes the broker refuse
+        every node."""
+        period = self.config.pki.crl_days * 86400 / 2
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=period)
+            if not self.stop.is_set():
+                await self.refresh_crl()
+
+    async def revoke(self, node: str, actor: str, reason: str) -> dict[str, Any]:
+        """Revoke ``node``: CRL, broker reload, then take its live session away."""
+        now = time.time()
+        serials = await self.store.write(
+            lambda db: trust.revoke_node(db, node, now, actor, reason)
+        )
+        await self.refresh_crl()
+        dropped = False
+        if self.supervisor is not None:
+            await asyncio.sleep(0.3)  # the broker handles SIGHUP on its next loop turn
+        try:
+            await self.control.cut_off(node)
+            dropped = True
+        except (OSError, aiomqtt.MqttError) as exc:
+            log.error("revoked %s, but could not take over its broker session: %s", node, exc)
+        return {"node": node, "revoked_at": now, "serials": serials, "reason": reason,
+                "session_dropped": dropped}
+
+    def _renewal_requested(self, request: RenewRequest) -> None:
+        try:
+            self._renewals.put_nowait(request)
+        except asyncio.QueueFull:
+            log.warning("renewal request from %s dropped: too many waiting; it will ask again",
+                        request.node)
+
+    async def _renewer(self) -> None:
+        while True:
+            await self._renew(await self._renewals.get())
+
+    async def _renew(self, req: RenewRequest) -> None:
+        now, days = time.time(), self.config.pki.node_cert_days
+
+        def sign(db: sqlite_utils.Database) -> trust.Renewed:
+            return trust.renew(db, self.ca, req.node, req.csr, now, days)
+
+        try:
+            renewed = await self.store.write(sign)
+        except EnrollmentError as exc:
+            log.warning("refused to renew %s's certificate: %s", req.node, exc)
+            code = exc.code
+            await self.store.write(lambda db: audit.record(
+                db, now, f"node:{req.node}", "certificate.renew", req.node, "refused",
+                reason=code,
+            ))
+            return
+        answer = encode(Certificate(node=req.node, ts=time.time(),
+                                    certificate=renewed.certificate_pem,
+                                    not_after=renewed.not_after))
+        try:
+            await self.control.publish(req.node, answer)
+        except ControlUnavailable as exc:
+            log.warning("renewed %s's certificate but cannot send it (%s); the node will ask"
+                        " again", req.node, exc)
+            return
+        if not renewed.reused:
+            self.renewed += 1
+        log.info("renewed %s's certificate (serial %s)", req.node, renewed.serial)
 
     async def _retention(self) -> None:
         r = self.config.retention

@@ -15,6 +15,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import sqlite_utils
 from agent.wire import (
     LifecycleEvent,
     ProtocolError,
+    RenewRequest,
     Report,
     Status,
     Telemetry,
@@ -56,7 +58,7 @@ class StatusIn(NamedTuple):
 
 
 class EventIn(NamedTuple):
-    event: LifecycleEvent | TelemetryGap | Report
+    event: LifecycleEvent | TelemetryGap | Report | RenewRequest
     received_at: float
 
 
@@ -411,6 +413,10 @@ class Store:
             summary = f"{ev.channel} {ev.first_seq}..{ev.last_seq} dropped: {ev.reason}"
             self._record_gap(conn, ev.node, ev.channel, ev.first_seq, ev.last_seq,
                              item.received_at, ev.reason, explained=True)
+        elif isinstance(ev, RenewRequest):
+            vm_uuid = vm_name = ""
+            summary = "asks for a new certificate (the current one expires " + time.strftime(
+                "%Y-%m-%d %H:%M:%S UTC)", time.gmtime(ev.not_after))
         else:
             vm_uuid = vm_name = ""
             summary = f"order {ev.order_id}: {ev.state}"

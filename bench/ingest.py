@@ -358,7 +358,8 @@ class Bench:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
             self.children.add("mosquitto_sub", proc)
             reader: Any = LineCounter(proc.stdout, self.total)
-            wait_log_line(self.broker_log, offset, re.escape(f"as {client_id} "), 10)
+            # The broker names clients by their certificate (use_username_as_clientid).
+            wait_log_line(self.broker_log, offset, re.escape("as aggregator "), 10)
             time.sleep(0.5)  # SUBSCRIBE follows CONNECT
         else:
             proc = subprocess.Popen(

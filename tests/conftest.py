@@ -17,8 +17,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent.profiles import Profile, default_profiles_dir, load_profiles
+from aggregator import trust
 from aggregator.api import Services, make_app
 from aggregator.auth import ROLES, create_api_token
+from aggregator.enrollment import TokenScope, create_token
 from aggregator.pki import CertificateAuthority
 from aggregator.store import Store
 
@@ -60,6 +62,10 @@ def foreign_pki(root_dir: Path) -> CertificateAuthority:
     return ca
 
 
+SPARE_API_TOKEN_ID = len(ROLES) + 1
+SPARE_ENROLLMENT_TOKEN_ID = 1
+
+
 @dataclass
 class Api:
     client: TestClient  # type: ignore[type-arg]
@@ -87,13 +93,35 @@ async def api(root_dir: Path, pki: CertificateAuthority,
     tokens = {}
     for role in ROLES:
         tokens[role] = await store.write(
-            lambda db, role=role: create_api_token(db, role, f"test {role}", now))
+            lambda db, role=role: create_api_token(db, role, f"test {role}", now)[1])
+    # Something for each DELETE and revoke route to act on (ids as a fresh database gives).
+    spare_token_id, _ = await store.write(
+        lambda db: create_api_token(db, "viewer", "spare, to be revoked", now))
+    assert spare_token_id == SPARE_API_TOKEN_ID
+    scope = TokenScope("graz-tower-3", "AT", "a1-telekom", "tower-5g")
+    spare = await store.write(lambda db: create_token(db, scope, 600, now))
+    assert spare["id"] == SPARE_ENROLLMENT_TOKEN_ID
     await store.write(lambda db: db.execute(
         "INSERT INTO nodes (id, site, country, provider, profile) VALUES"
-        " ('si-tower-01', 'ljubljana-tower-7', 'SI', 'telekom-slovenije', 'tower-5g')"))
+        " ('si-tower-01', 'ljubljana-tower-7', 'SI', 'telekom-slovenije', 'tower-5g'),"
+        " ('at-stolen-01', 'graz-tower-3', 'AT', 'a1-telekom', 'tower-5g')"))
+
+    async def revoke(node: str, actor: str, reason: str) -> dict[str, Any]:
+        # The database half of the service's revocation; the broker half is tested with a
+        # real broker (tests/test_trust.py).
+        at = time.time()
+        serials = await store.write(lambda db: trust.revoke_node(db, node, at, actor, reason))
+        return {"node": node, "revoked_at": at, "serials": serials, "reason": reason,
+                "session_dropped": False}
+
+    async def crl_changed() -> None:
+        pass
+
     services = Services(
         store=store, ca=pki, profiles=profiles, heartbeat_factor=3.0, min_timeout_s=5.0,
         cert_days=1.0, broker_host="127.0.0.1", broker_port=8883, metrics=lambda: {},
+        order_public_key="-----BEGIN PUBLIC KEY-----\n", revoke=revoke,
+        crl_changed=crl_changed,
     )
     client = TestClient(TestServer(make_app(services), host="127.0.0.1"))
     await client.start_server()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from aggregator.api import ROUTES
 from aggregator.auth import ROLES
-from tests.conftest import Api
+from tests.conftest import SPARE_API_TOKEN_ID, SPARE_ENROLLMENT_TOKEN_ID, Api
 
 TOKEN_BODY = {"site": "graz-tower-3", "country": "AT", "provider": "a1-telekom",
               "profile": "tower-5g", "ttl_seconds": 600}
@@ -27,6 +27,14 @@ EXAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/api/v1/ca"): ("/api/v1/ca", None),
     ("POST", "/api/v1/enroll"): ("/api/v1/enroll", None),  # authorised by its body instead
     ("POST", "/api/v1/api-tokens"): ("/api/v1/api-tokens", {"role": "viewer", "name": "x"}),
+    ("GET", "/api/v1/api-tokens"): ("/api/v1/api-tokens", None),
+    ("DELETE", "/api/v1/api-tokens/{id}"): (f"/api/v1/api-tokens/{SPARE_API_TOKEN_ID}", None),
+    ("GET", "/api/v1/enrollment-tokens"): ("/api/v1/enrollment-tokens?state=active", None),
+    ("DELETE", "/api/v1/enrollment-tokens/{id}"):
+        (f"/api/v1/enrollment-tokens/{SPARE_ENROLLMENT_TOKEN_ID}", None),
+    ("POST", "/api/v1/nodes/{id}/revoke"):
+        ("/api/v1/nodes/at-stolen-01/revoke", {"reason": "stolen from the tower"}),
+    ("GET", "/api/v1/audit"): ("/api/v1/audit?action=node&limit=5", None),
 }
 
 
