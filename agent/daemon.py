@@ -15,15 +15,18 @@ from collections.abc import Callable
 from agent import __version__, sdnotify
 from agent.config import AgentConfig
 from agent.hypervisor import DomainEvent, Hypervisor, HypervisorError
+from agent.identity import Identity, IdentityError, IdentityExpired
 from agent.sampler import HostSampler
 from agent.spool import Dropped, Spool
 from agent.tls import client_context
 from agent.uplink import Uplink, UplinkSettings
 from agent.wire import (
+    Certificate,
     GuestSample,
     HostSample,
     Inventory,
     LifecycleEvent,
+    Message,
     Telemetry,
     TelemetryGap,
     encode,
@@ -48,7 +51,7 @@ class Agent:
                 node=config.node.id,
                 host=c.host,
                 port=c.port,
-                tls=client_context(c.ca_file, c.cert_file, c.key_file),
+                tls=lambda: client_context(c.ca_file, c.cert_file, c.key_file),
                 keepalive_s=c.keepalive_s,
                 connect_timeout_s=c.connect_timeout_s,
                 backoff_initial_s=c.backoff_initial_s,
@@ -58,11 +61,20 @@ class Agent:
             ),
             self.spool,
             self.inventory,
+            self._on_message,
         )
+        self.identity = Identity(config.node.id, c.cert_file, c.key_file, c.ca_file,
+                                 lambda make: self._append("events", make))
 
     def inventory(self) -> Inventory:
         assert self._inventory is not None, "inventory is read before the uplink starts"
         return self._inventory
+
+    def _on_message(self, msg: Message) -> None:
+        if isinstance(msg, Certificate):
+            self.identity.on_certificate(msg)
+        else:  # orders are executed from the next release on
+            log.warning("ignored a %s message: this agent does not execute it", msg.TYPE)
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -71,6 +83,7 @@ class Agent:
             self._events.put_nowait(None)
 
     async def run(self) -> None:
+        await self.identity.check()  # an expired certificate: nothing here can fix that
         await self.spool.open()
         try:
             await self._connect_hypervisor()
@@ -79,11 +92,20 @@ class Agent:
                 tg.create_task(self._telemetry(), name="telemetry")
                 tg.create_task(self._forward_events(), name="libvirt-events")
                 tg.create_task(self.uplink.run(self.stop), name="uplink")
+                tg.create_task(self._keep_identity(), name="identity")
         finally:
             sdnotify.notify("STOPPING=1")
             if self.hypervisor is not None:
                 self.hypervisor.close()
             await self.spool.close()
+
+    async def _keep_identity(self) -> None:
+        try:
+            await self.identity.run(self.stop)
+        except IdentityExpired:
+            raise  # the daemon stops and says what to do
+        except IdentityError as exc:  # e.g. an unreadable certificate: keep the rest going
+            log.error("certificate renewal stopped: %s", exc)
 
     async def _connect_hypervisor(self) -> None:
         hv = await Hypervisor.open(self.config.libvirt.uri)
@@ -189,13 +211,17 @@ def _telemetry(node: str, ts: float, interval: float, host: HostSample,
 
 
 def run(config: AgentConfig) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
+    """Run the agent until SIGTERM or SIGINT; raises IdentityExpired when the node's
+    certificate has expired (only a new enrollment helps)."""
 
     async def main() -> None:
         agent = Agent(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.request_stop)
-        await agent.run()
+        try:
+            await agent.run()
+        except* IdentityExpired as group:
+            raise group.exceptions[0] from None
 
     asyncio.run(main())

@@ -1,9 +1,11 @@
 """The agent's MQTT uplink: the only module of the agent that imports aiomqtt.
 
-Connects with the node's certificate, sets the retained ``offline`` status as last will,
-announces ``online`` with the inventory on every connect, and drains the spool in order with
-QoS 1, removing a message only after the broker acknowledged it. When the connection fails it
-reconnects with exponential backoff and full jitter; the spool keeps filling meanwhile.
+Connects with the node's certificate (read anew for every connection, so a renewed one is
+used from the next), sets the retained ``offline`` status as last will, announces ``online``
+with the inventory on every connect, and drains the spool in order with QoS 1, removing a
+message only after the broker acknowledged it. It reads the node's orders topic and hands what
+arrives there, decoded, to ``on_message``. When the connection fails it reconnects with
+exponential backoff and full jitter; the spool keeps filling meanwhile.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import aiomqtt
 
 from agent.spool import Pending, Spool
-from agent.wire import Inventory, Status, encode, topic
+from agent.wire import Inventory, Message, ProtocolError, Status, decode, encode, topic
 
 log = logging.getLogger("virt8ra.agent.uplink")
 
@@ -30,7 +32,7 @@ class UplinkSettings:
     node: str
     host: str
     port: int
-    tls: ssl.SSLContext
+    tls: Callable[[], ssl.SSLContext]  # made for each connection: certificates are renewed
     keepalive_s: int
     connect_timeout_s: float
     backoff_initial_s: float
@@ -53,10 +55,12 @@ class Uplink:
         settings: UplinkSettings,
         spool: Spool,
         inventory: Callable[[], Inventory],
+        on_message: Callable[[Message], None] = lambda msg: None,
     ) -> None:
         self._s = settings
         self._spool = spool
         self._inventory = inventory
+        self._on_message = on_message
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -79,26 +83,33 @@ class Uplink:
         attempt = 0
         status_topic = topic(self._s.node, "status")
         while not stop.is_set():
-            client = aiomqtt.Client(
-                self._s.host,
-                self._s.port,
-                identifier=self._s.node,
-                tls_context=self._s.tls,
-                keepalive=self._s.keepalive_s,
-                timeout=self._s.connect_timeout_s,
-                will=aiomqtt.Will(status_topic, self._status("offline"), qos=1, retain=True),
-                clean_session=True,
-            )
             try:
+                client = aiomqtt.Client(
+                    self._s.host,
+                    self._s.port,
+                    identifier=self._s.node,
+                    tls_context=self._s.tls(),
+                    keepalive=self._s.keepalive_s,
+                    timeout=self._s.connect_timeout_s,
+                    will=aiomqtt.Will(status_topic, self._status("offline"), qos=1, retain=True),
+                    clean_session=True,
+                )
                 async with client:
                     attempt = 0
                     log.info("connected to %s:%d", self._s.host, self._s.port)
+                    await client.subscribe(topic(self._s.node, "orders"), qos=1)
                     await client.publish(status_topic, self._status("online"), qos=1, retain=True)
-                    await self._drain(client, stop)
+                    receiver = asyncio.create_task(self._receive(client), name="receive")
+                    try:
+                        await self._drain(client, stop)
+                    finally:
+                        receiver.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await receiver
                     # Stopping: say so ourselves rather than leave it to the will.
                     await client.publish(status_topic, self._status("offline"), qos=1, retain=True)
                     return
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, OSError) as exc:  # ssl.SSLError is an OSError
                 log.warning("uplink down: %s", exc)
             delay = backoff_delay(
                 attempt, self._s.backoff_initial_s, self._s.backoff_max_s, random.random()
@@ -106,6 +117,22 @@ class Uplink:
             attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.05))
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes):
+                log.warning("ignored a non-binary message on %s", message.topic.value)
+                continue
+            try:
+                msg = decode(payload)
+            except ProtocolError as exc:
+                log.warning("ignored a malformed message on %s: %s", message.topic.value, exc)
+                continue
+            if msg.node != self._s.node:
+                log.warning("ignored a %s for node %r", msg.TYPE, msg.node)
+                continue
+            self._on_message(msg)
 
     async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Publish spooled messages in order until ``stop``; raises MqttError on link loss."""

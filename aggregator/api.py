@@ -443,7 +443,7 @@ def openapi_document(routes: tuple[Route, ...]) -> dict[str, Any]:
 # --- middleware -----------------------------------------------------------------------------
 
 def _actor(request: web.Request) -> str:
-    return request.get(ACTOR_KEY, "anonymous")
+    return str(request.get(ACTOR_KEY, "anonymous"))
 
 
 async def _identity(request: web.Request) -> tuple[int, str, str] | None:

@@ -104,7 +104,14 @@ class Control:
             raise ControlUnavailable(f"publish failed: {exc}") from None
 
     async def cut_off(self, node: str) -> None:
-        """Take over ``node``'s broker session, which drops the node's connection."""
+        """Take over ``node``'s broker session, which drops the node's connection; raises
+        ControlUnavailable when the broker cannot be reached."""
+        try:
+            await self._take_over(node)
+        except (aiomqtt.MqttError, OSError) as exc:
+            raise ControlUnavailable(f"cannot take over {node}'s session: {exc}") from None
+
+    async def _take_over(self, node: str) -> None:
         s = self._s
         cred = await asyncio.to_thread(self._ca.issue_ephemeral, node, 60)
         with tempfile.TemporaryDirectory(dir=s.scratch_dir, prefix=".cutoff-") as scratch:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import sqlite_utils
 from aiohttp import web
 
@@ -261,8 +260,9 @@ class Aggregator:
         try:
             await self.control.cut_off(node)
             dropped = True
-        except (OSError, aiomqtt.MqttError) as exc:
-            log.error("revoked %s, but could not take over its broker session: %s", node, exc)
+        except ControlUnavailable as exc:
+            log.error("revoked %s, but its live session stays until it reconnects: %s", node,
+                      exc)
         return {"node": node, "revoked_at": now, "serials": serials, "reason": reason,
                 "session_dropped": dropped}
 

@@ -14,14 +14,19 @@ GATEWAYS = {
     "libvirt": {"agent/hypervisor.py"},
     "libvirtaio": {"agent/hypervisor.py"},
     "psutil": {"agent/sampler.py"},
-    "aiomqtt": {"agent/uplink.py", "aggregator/ingest.py"},
+    # The aggregator's two MQTT sessions: receiving (ingest) and sending (control).
+    "aiomqtt": {"agent/uplink.py", "aggregator/ingest.py", "aggregator/control.py"},
     "paho": {"aggregator/ingest.py"},
-    "sqlite3": {"agent/spool.py", "aggregator/store.py", "aggregator/queries.py"},
+    "sqlite3": {"agent/spool.py", "aggregator/store.py", "aggregator/queries.py",
+                "aggregator/trust.py", "aggregator/audit.py"},
+    # Functions that run on the store's writer thread take its sqlite-utils Database.
     "sqlite_utils": {"aggregator/store.py", "aggregator/migrations.py",
                      "aggregator/enrollment.py", "aggregator/auth.py", "aggregator/cli.py",
-                     "aggregator/service.py"},
-    "cryptography": {"agent/enroll.py", "aggregator/pki.py"},
-    "ssl": {"agent/tls.py", "agent/uplink.py", "agent/enroll.py", "aggregator/ingest.py"},
+                     "aggregator/service.py", "aggregator/trust.py", "aggregator/audit.py"},
+    # The agent's x509 work runs in the enroll command and in a child process (certtool).
+    "cryptography": {"agent/enroll.py", "agent/certtool.py", "aggregator/pki.py"},
+    "ssl": {"agent/tls.py", "agent/uplink.py", "agent/enroll.py", "aggregator/ingest.py",
+            "aggregator/control.py"},
     "prometheus_client": {"aggregator/metrics.py"},
 }
 
