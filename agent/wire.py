@@ -31,7 +31,7 @@ PROTOCOL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = frozenset({1})
 TOPIC_PREFIX: Final = "v8/nodes"
 NODE_ID_PATTERN: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-RESERVED_NODE_IDS: Final = frozenset({"aggregator"})
+RESERVED_NODE_IDS: Final = frozenset({"aggregator", "aggregator-control"})  # our own CNs
 MAX_PAYLOAD_BYTES: Final = 1 << 20
 
 Scalar: TypeAlias = str | int | float | bool
