@@ -89,6 +89,19 @@ def register_event_loop() -> None:
         raise HypervisorError("libvirt events are already bound to another asyncio loop")
 
 
+@dataclass(frozen=True, slots=True)
+class HostResources:
+    """What libvirt says the host has, for the hardware check (``agent/hostcheck.py``)."""
+
+    cpus: int
+    memory_mib: int
+    cpu_features: tuple[str, ...]  # the host CPU's features in the capabilities, as named there
+    interfaces: tuple[str, ...] | None  # active host interfaces; None: no interface driver
+    volumes_bytes: tuple[int, ...] | None  # capacities of active pools' volumes; None: no driver
+    libvirt_version: str
+    hypervisor: str
+
+
 class Hypervisor:
     """One libvirt connection. Use :meth:`open` inside the running loop."""
 
@@ -149,6 +162,44 @@ class Hypervisor:
             libvirt_version=f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}",
             hypervisor=str(hypervisor),
             profile=profile,
+        )
+
+    async def host_resources(self) -> HostResources:
+        """CPUs, memory, CPU features, host interfaces and storage volumes, as libvirt has them."""
+        return await asyncio.to_thread(self._host_resources)
+
+    def _host_resources(self) -> HostResources:
+        try:
+            _model, memory_mib, cpus, *_ = self._conn.getInfo()
+            caps = self._conn.getCapabilities()
+            version = self._conn.getLibVersion()
+            hypervisor = self._conn.getType()
+        except libvirt.libvirtError as exc:
+            raise _wrap(exc) from None
+        interfaces: tuple[str, ...] | None
+        try:  # a host without the interface driver (netcf/udev) has no interface list
+            interfaces = tuple(sorted(i.name() for i in self._conn.listAllInterfaces(
+                libvirt.VIR_CONNECT_LIST_INTERFACES_ACTIVE) if i.name() != "lo"))
+        except libvirt.libvirtError:
+            interfaces = None
+        volumes: tuple[int, ...] | None
+        try:
+            volumes = tuple(
+                int(vol.info()[1])
+                for pool in self._conn.listAllStoragePools(
+                    libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+                for vol in pool.listAllVolumes(0)
+            )
+        except libvirt.libvirtError:
+            volumes = None
+        return HostResources(
+            cpus=int(cpus),
+            memory_mib=int(memory_mib),
+            cpu_features=cpu_features_from_capabilities(caps),
+            interfaces=interfaces,
+            volumes_bytes=volumes,
+            libvirt_version=f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}",
+            hypervisor=str(hypervisor),
         )
 
     async def guest_samples(self) -> tuple[GuestSample, ...]:
@@ -224,6 +275,21 @@ def domain_type_from_capabilities(caps_xml: str) -> str:
         if preferred in offered:
             return preferred
     return offered[0] if offered else "unknown"
+
+
+def cpu_features_from_capabilities(caps_xml: str) -> tuple[str, ...]:
+    """The host CPU's features: ``<feature name=...>`` (QEMU/KVM: those beyond the named CPU
+    model) and the children of ``<features>`` (the test driver's ``pae``, ``nonpae``)."""
+    try:
+        root = ET.fromstring(caps_xml)  # noqa: S314 - from our own libvirtd, not the network
+    except ET.ParseError:
+        return ()
+    cpu = root.find("host/cpu")
+    if cpu is None:
+        return ()
+    named = [f.get("name", "") for f in cpu.findall("feature")]
+    listed = [f.tag for f in cpu.findall("features/*")]
+    return tuple(sorted({f for f in named + listed if f}))
 
 
 def _int(stats: dict[str, Any], key: str) -> int | None:
