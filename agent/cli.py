@@ -1,4 +1,4 @@
-"""``virt8ra-agent``: run the daemon, or enroll this node.
+"""``virt8ra-agent``: run the daemon, check this host against a hardware profile, or enroll it.
 
 The daemon's imports stay lean: enrollment (and cryptography with it) is imported only by the
 enroll command.
@@ -7,8 +7,11 @@ enroll command.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from agent.configfile import ConfigError
@@ -20,13 +23,43 @@ DEFAULT_STATE_DIR = Path("/var/lib/virt8ra")
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent import config, daemon
     from agent.hypervisor import HypervisorError
+    from agent.identity import IdentityExpired
 
     try:
         daemon.run(config.load(args.config))
     except HypervisorError as exc:
         print(f"error: libvirt: {exc}", file=sys.stderr)
         return 2
+    except IdentityExpired as exc:  # systemd: RestartPreventExitStatus=3
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """0: the host meets the profile; 1: a requirement failed; 2: usage (unknown profile)."""
+    from agent import hostcheck, simhost
+    from agent.profiles import default_profiles_dir
+
+    directory = args.profiles_dir or default_profiles_dir()
+    name = args.profile or args.simulate
+    if not name:
+        print("error: --profile: name the hardware profile to check against", file=sys.stderr)
+        return 2
+    try:
+        profile = hostcheck.find_profile(directory, name)
+        simulated = hostcheck.find_profile(directory, args.simulate) if args.simulate else None
+    except hostcheck.UnknownProfile as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="virt8ra-check-") as tmp:
+        target = hostcheck.Target(args.libvirt_uri)
+        if simulated is not None:
+            uri = simhost.write_host(simulated, "check", Path(tmp) / "simulated-host.xml")
+            target = hostcheck.Target(uri, simulation=simulated)
+        report = asyncio.run(hostcheck.check(profile, target))
+    print(json.dumps(report.to_plain(), indent=2) if args.json else report.render())
+    return 0 if report.ok else 1
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -42,6 +75,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             libvirt_uri=args.libvirt_uri,
             ca_fingerprint=args.ca_fingerprint,
             simulate_profile=args.simulate,
+            profile=args.profile,
+            profiles_dir=args.profiles_dir,
             interval_s=args.interval,
             force=args.force,
             group=args.group,
@@ -63,6 +98,20 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", type=Path, default=DEFAULT_CONFIG_DIR / "agent.toml")
     sp.set_defaults(func=_cmd_run)
 
+    sp = sub.add_parser("check", help="does this host meet a hardware profile? (exit 0: yes, "
+                        "1: a requirement fails, 2: usage error)")
+    sp.add_argument("--profile", default="", help="the hardware profile to check against "
+                    "(default: the --simulate profile)")
+    sp.add_argument("--json", action="store_true", help="print the checklist as JSON")
+    host = sp.add_mutually_exclusive_group()
+    host.add_argument("--libvirt-uri", default="qemu:///system",
+                      help="the libvirt host the agent manages (default: qemu:///system)")
+    host.add_argument("--simulate", default="", metavar="PROFILE",
+                      help="check a simulated libvirt test-driver host of this profile")
+    sp.add_argument("--profiles-dir", type=Path, default=None,
+                    help="directory of hardware profiles (default: the installed ones)")
+    sp.set_defaults(func=_cmd_check)
+
     sp = sub.add_parser("enroll", help="enroll this node with a one-time token")
     sp.add_argument("--aggregator", required=True, help="the aggregator's URL")
     sp.add_argument("--token", required=True, help="the one-time enrollment token")
@@ -74,6 +123,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--libvirt-uri", default="qemu:///system")
     sp.add_argument("--simulate", default="", metavar="PROFILE",
                     help="manage a simulated libvirt test-driver host of this hardware profile")
+    sp.add_argument("--profile", default="", help="the hardware profile named in the token; "
+                    "the host is checked against it before the token is sent "
+                    "(default: the --simulate profile)")
+    sp.add_argument("--profiles-dir", type=Path, default=None,
+                    help="directory of hardware profiles (default: the installed ones)")
     sp.add_argument("--interval", type=float, default=10.0, help="telemetry interval, seconds")
     sp.add_argument("--force", action="store_true", help="re-enroll an enrolled node")
     sp.add_argument("--group", default="",

@@ -21,7 +21,7 @@ from aggregator import trust
 from aggregator.api import Services, make_app
 from aggregator.auth import ROLES, create_api_token
 from aggregator.enrollment import TokenScope, create_token
-from aggregator.pki import CertificateAuthority
+from aggregator.pki import CertificateAuthority, make_order_key
 from aggregator.store import Store
 
 
@@ -117,10 +117,13 @@ async def api(root_dir: Path, pki: CertificateAuthority,
     async def crl_changed() -> None:
         pass
 
+    order_key = root_dir / "api-order-signing.pub"
+    make_order_key(root_dir / "api-order-signing.key", order_key)
+
     services = Services(
         store=store, ca=pki, profiles=profiles, heartbeat_factor=3.0, min_timeout_s=5.0,
         cert_days=1.0, broker_host="127.0.0.1", broker_port=8883, metrics=lambda: {},
-        order_public_key="-----BEGIN PUBLIC KEY-----\n", revoke=revoke,
+        order_public_key=order_key.read_text(), revoke=revoke,
         crl_changed=crl_changed,
     )
     client = TestClient(TestServer(make_app(services), host="127.0.0.1"))
