@@ -274,8 +274,17 @@ class Aggregator:
                         request.node)
 
     async def _renewer(self) -> None:
-        while True:
-            await self._renew(await self._renewals.get())
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            while not self.stop.is_set():
+                getter = asyncio.ensure_future(self._renewals.get())
+                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    return
+                await self._renew(getter.result())
+        finally:
+            stopper.cancel()
 
     async def _renew(self, req: RenewRequest) -> None:
         now, days = time.time(), self.config.pki.node_cert_days

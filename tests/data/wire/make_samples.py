@@ -26,8 +26,14 @@ VM_RUNNING = "5c0f8a5e-2f6b-4a53-9b2e-0d6f6c0f4a11"
 VM_STOPPED = "9a3d2c41-7e1b-4c6f-8a0d-3b5e7f9c1d22"
 ORDER_ID = "ord-20241122-0001"
 # Shortened PEM blocks: the wire carries them as text; what is inside is the PKI's business.
-CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMIIBBjCBrQIBADAWMRQwEgYDVQQDDAtlZGdlLWZyYS0wMQ==\n-----END CERTIFICATE REQUEST-----\n"
-CERT = "-----BEGIN CERTIFICATE-----\nMIIB1jCCAXygAwIBAgIUQm9ndXMgc2FtcGxlIGNlcnQ=\n-----END CERTIFICATE-----\n"
+CSR = (
+    "-----BEGIN CERTIFICATE REQUEST-----\nMIIBBjCBrQIBADAWMRQwEgYDVQQDDAtlZGdlLWZyYS0wMQ==\n"
+    "-----END CERTIFICATE REQUEST-----\n"
+)
+CERT = (
+    "-----BEGIN CERTIFICATE-----\nMIIB1jCCAXygAwIBAgIUQm9ndXMgc2FtcGxlIGNlcnQ=\n"
+    "-----END CERTIFICATE-----\n"
+)
 
 INVENTORY: dict[str, Any] = {
     "hostname": "edge-fra-01.example.net",
