@@ -57,8 +57,10 @@ HINTS = {
     "token_used": "each token enrolls one node: ask for a new one",
     "token_expired": "ask for a new token",
     "token_withdrawn": "the operator withdrew this token: ask for a new one",
-    "node_exists": "a node with this id is already enrolled: pick another --node-id, or have "
-                   "the operator remove the node",
+    "node_exists": "a node with this id is already enrolled: pick another --node-id, or, to "
+                   "enroll this node again, ask for a token bound to it (token create --node-id)",
+    "token_for_other_node": "this token re-enrolls another node: use that --node-id, or ask "
+                            "for a token for this one",
     "node_revoked": "this node id was revoked: enroll under a new --node-id with a new token",
     "profile_mismatch": "fix the hardware, or ask for a token for the profile this host meets "
                         "(virt8ra-agent check --profile NAME shows the checklist)",

@@ -26,6 +26,7 @@ FIGURES: Final = {
     "virt8ra_store_batches": ("counter", "Write batches committed"),
     "virt8ra_store_backlog": ("gauge", "Messages waiting for the store's writer"),
     "virt8ra_broker_restarts": ("counter", "Restarts of the managed broker"),
+    "virt8ra_certificates_renewed": ("counter", "Node certificates renewed over MQTT"),
 }
 
 

@@ -141,3 +141,44 @@ FIELDS = st.sampled_from(["site", "country", "provider", "profile", "ttl_seconds
 async def test_no_request_body_yields_a_500(api: Api, path: str, body: Any) -> None:
     status, _ = await api.call("POST", path, api.tokens["admin"], body)
     assert status < 500
+
+
+async def test_token_use_and_refusals_are_on_the_audit_trail(api: Api) -> None:
+    status, made = await api.call("POST", "/api/v1/api-tokens", api.tokens["admin"],
+                                  {"role": "operator", "name": "night shift"})
+    assert status == 201
+    status, _ = await api.call("POST", "/api/v1/api-tokens", api.tokens["viewer"],
+                               {"role": "admin", "name": "escalation"})
+    assert status == 403
+    status, answer = await api.call("GET", "/api/v1/audit?limit=50", api.tokens["operator"])
+    assert status == 200
+    events = answer["events"]
+    created = next(e for e in events if e["action"] == "api_token.create"
+                   and e["subject"] == f"api-token:{made['id']}")
+    assert created["actor"].endswith(":test admin")
+    assert created["detail"] == {"role": "operator", "name": "night shift"}
+    refused = next(e for e in events if e["action"] == "api.request"
+                   and e["outcome"] == "forbidden")
+    assert refused["actor"].endswith(":test viewer")
+    assert refused["detail"]["route"] == "/api/v1/api-tokens"
+    # Newest first, and the filters narrow it.
+    assert [e["id"] for e in events] == sorted((e["id"] for e in events), reverse=True)
+    status, only = await api.call("GET", "/api/v1/audit?action=api_token",
+                                  api.tokens["admin"])
+    assert {e["action"] for e in only["events"]} == {"api_token.create"}
+    status, bad = await api.call("GET", "/api/v1/audit?limit=0", api.tokens["admin"])
+    assert status == 400
+
+
+async def test_the_last_admin_token_cannot_be_revoked(api: Api) -> None:
+    status, answer = await api.call("GET", "/api/v1/api-tokens", api.tokens["admin"])
+    admins = [t for t in answer["tokens"] if t["role"] == "admin" and t["state"] == "active"]
+    assert "token_hash" not in answer["tokens"][0]
+    assert len(admins) == 1  # the session's only admin token
+    status, err = await api.call("DELETE", f"/api/v1/api-tokens/{admins[0]['id']}",
+                                 api.tokens["admin"])
+    assert (status, err["error"]["code"]) == (409, "last_admin")
+    status, _ = await api.call("DELETE", "/api/v1/api-tokens/99999", api.tokens["admin"])
+    assert status == 404
+    status, _ = await api.call("DELETE", "/api/v1/api-tokens/not-a-number", api.tokens["admin"])
+    assert status == 404
