@@ -157,9 +157,13 @@ def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(events, indent=2))
         return 0
-    for e in events:
-        e["detail"] = json.dumps(e["detail"], sort_keys=True)
-    _rows(console, events, ["ts", "actor", "action", "subject", "outcome", "detail"])
+    for e in reversed(events):  # oldest first, like a log
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["ts"]))
+        style = "green" if e["outcome"] == "ok" else "red"
+        detail = " ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()) if v is not None)
+        console.print(f"{when} [{style}]{e['outcome']:<9}[/] [bold]{e['action']}[/] "
+                      f"{e['subject']} by {e['actor']}  [dim]{detail}[/]", highlight=False,
+                      soft_wrap=True)
     return 0
 
 
