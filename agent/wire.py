@@ -225,8 +225,35 @@ class TelemetryGap:
 
 
 @dataclass(frozen=True, slots=True)
+class VmSpec:
+    """A guest as the aggregator orders it; the node builds its libvirt XML from this typed
+    spec (never from text) and fetches the images it names, checking their sha256."""
+
+    uuid: str
+    name: str
+    vcpus: int
+    memory_mib: int
+    disk_gib: int = 0
+    image: str = ""  # a disk image to boot from (copied into the VM's disk), or ""
+    image_sha256: str = ""
+    kernel: str = ""  # direct kernel boot, for small appliances
+    kernel_sha256: str = ""
+    initrd: str = ""
+    initrd_sha256: str = ""
+    cmdline: str = ""
+    # The VM's residency policy: the node refuses the VM if its own certificate's country or
+    # provider is not allowed (empty: any).
+    countries: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+
+
+ORDER_ACTIONS: Final = ("create", "start", "stop", "reboot", "delete")
+
+
+@dataclass(frozen=True, slots=True)
 class Order:
-    """Sketch for the control half: a signed instruction to one node."""
+    """A signed instruction to one node. ``signature`` is Ed25519 by the aggregator's
+    order-signing key over :func:`signed_bytes` of the envelope as sent."""
 
     TYPE: typing.ClassVar[str] = "order"
     node: str
@@ -237,11 +264,13 @@ class Order:
     action: str
     params: dict[str, Scalar] = field(default_factory=dict)
     signature: bytes = b""
+    vm: VmSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """Sketch for the control half: a node's account of an order."""
+    """A node's account of an order: ``accepted`` (journaled), then ``succeeded`` or
+    ``failed``; ``refused`` when it will not run it (bad signature, replay, expired, limits)."""
 
     TYPE: typing.ClassVar[str] = "report"
     node: str
@@ -500,6 +529,44 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(exc.field or "message", exc.reason) from None
     validate_node_id(msg.node)
     return msg
+
+
+# --- order signatures -----------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def signed_bytes(envelope: dict[str, Any]) -> bytes:
+    """What an order's signature covers: the envelope as sent (every key, including any this
+    version does not know), without ``signature``, map keys sorted, packed with msgpack."""
+    body = {k: v for k, v in envelope.items() if k != "signature"}
+    return b"virt8ra-order\x00" + msgpack.packb(_canonical(body), use_bin_type=True)
+
+
+def order_envelope(order: Order) -> dict[str, Any]:
+    """The map :func:`encode` sends for ``order`` (for signing before sending)."""
+    body = _to_plain(order)
+    body["v"] = PROTOCOL_VERSION
+    body["t"] = Order.TYPE
+    return typing.cast(dict[str, Any], body)
+
+
+def raw_envelope(data: bytes) -> dict[str, Any]:
+    """The map in ``data`` as received; raises ProtocolError. For checking a signature over
+    exactly what was sent."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError("message", f"not msgpack: {exc.__class__.__name__}") from None
+    if type(body) is not dict:
+        raise ProtocolError("message", "expected a map")
+    return typing.cast(dict[str, Any], body)
 
 
 # --- topics ---------------------------------------------------------------------------------

@@ -132,9 +132,88 @@ def _m002_trust(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m003_vms(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN orders_last_seq INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX nodes_place ON nodes (country, provider);
+        CREATE TABLE images (
+            name TEXT PRIMARY KEY,
+            format TEXT NOT NULL,          -- raw, qcow2, kernel, initrd
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            path TEXT NOT NULL,            -- the file on the aggregator
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE vms (
+            id TEXT PRIMARY KEY,           -- the libvirt domain UUID
+            name TEXT NOT NULL,
+            node_id TEXT,                  -- where it is placed (NULL: nowhere yet)
+            vcpus INTEGER NOT NULL,
+            memory_mib INTEGER NOT NULL,
+            disk_gib INTEGER NOT NULL,
+            spec TEXT NOT NULL,            -- the API request, JSON
+            anti_affinity TEXT,
+            desired_state TEXT NOT NULL,   -- running, stopped, deleted
+            actual_state TEXT NOT NULL DEFAULT 'pending',
+            state_reason TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            deleted_at REAL
+        );
+        CREATE UNIQUE INDEX vms_name ON vms (name) WHERE deleted_at IS NULL;
+        CREATE INDEX vms_node ON vms (node_id) WHERE deleted_at IS NULL;
+        CREATE TABLE orders (
+            id TEXT PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            vm_id TEXT,
+            action TEXT NOT NULL,
+            payload BLOB NOT NULL,         -- the signed envelope, exactly as published
+            state TEXT NOT NULL,           -- pending, sent, accepted, succeeded, failed, expired
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            result TEXT NOT NULL DEFAULT '{}',
+            error TEXT NOT NULL DEFAULT '',
+            UNIQUE (node_id, seq)
+        );
+        CREATE INDEX orders_open ON orders (state, next_attempt_at)
+            WHERE state IN ('pending', 'sent', 'accepted');
+        CREATE INDEX orders_vm ON orders (vm_id, created_at);
+        CREATE TABLE order_history (
+            order_id TEXT NOT NULL,
+            ts REAL NOT NULL,
+            state TEXT NOT NULL,
+            note TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX order_history_order ON order_history (order_id, ts);
+        -- Append-only and hash-chained per VM: where the VM and its disks lived.
+        CREATE TABLE residency (
+            id INTEGER PRIMARY KEY,
+            vm_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            event TEXT NOT NULL,           -- arrived, left
+            node_id TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            country TEXT NOT NULL,
+            site TEXT NOT NULL,
+            ts REAL NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            UNIQUE (vm_id, seq)
+        );
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_trust", _m002_trust),
+    ("003_vms", _m003_vms),
 ]
 
 

@@ -732,3 +732,27 @@ def test_empty_map_key_names_the_map_in_both_checkers() -> None:
     with pytest.raises(wire.ProtocolError) as fast:
         wirecheck.check(data)
     assert slow.value.field == fast.value.field == "params"
+
+
+def test_stored_order_with_a_vm_spec() -> None:
+    got = wire.decode((SAMPLES / "v1_order_create.msgpack").read_bytes())
+    assert isinstance(got, wire.Order)
+    assert got.vm == wire.VmSpec(
+        uuid=VM_RUNNING, name="cam-7", vcpus=1, memory_mib=256, disk_gib=1, image="tiny",
+        image_sha256="ab" * 32, countries=("SI", "AT"),
+    )
+
+
+def test_signed_bytes_cover_what_was_sent_and_nothing_else() -> None:
+    order = wire.Order(node=NODE, seq=3, order_id="o-3", issued_at=1.0, expires_at=2.0,
+                       action="start", params={"vm_uuid": VM_RUNNING}, signature=b"x" * 64)
+    envelope = wire.order_envelope(order)
+    raw = wire.raw_envelope(wire.encode(order))
+    assert wire.signed_bytes(raw) == wire.signed_bytes(envelope)
+    # The signature itself is not covered; key order does not matter; every other key is.
+    assert wire.signed_bytes({**raw, "signature": b""}) == wire.signed_bytes(raw)
+    assert wire.signed_bytes(dict(reversed(list(raw.items())))) == wire.signed_bytes(raw)
+    assert wire.signed_bytes({**raw, "seq": 4}) != wire.signed_bytes(raw)
+    assert wire.signed_bytes({**raw, "added_by_a_newer_peer": 1}) != wire.signed_bytes(raw)
+    with pytest.raises(wire.ProtocolError):
+        wire.raw_envelope(b"\xc1")
