@@ -234,6 +234,9 @@ def enroll(
         " excluded.inventory)",
         [req.node_id, site, country, provider, profile, now, json.dumps(req.inventory)],
     )
+    if req.facts is not None:
+        db.execute("UPDATE nodes SET facts = ? WHERE id = ?",
+                   [json.dumps(req.facts.to_plain()), req.node_id])
     serial = format(issued.serial, "x")
     # Certificates of an earlier enrollment of this node stop working now.
     db.execute("UPDATE certificates SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",

@@ -137,6 +137,7 @@ def _m003_vms(db: sqlite_utils.Database) -> None:
         """
         ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE nodes ADD COLUMN orders_last_seq INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN facts TEXT;  -- HostFacts from enrollment (disk, NICs ...)
         CREATE INDEX nodes_place ON nodes (country, provider);
         CREATE TABLE images (
             name TEXT PRIMARY KEY,
