@@ -29,6 +29,7 @@ log = logging.getLogger("virt8ra.agent.identity")
 
 RENEW_AT = 2 / 3  # of the time from installation to expiry
 RETRY_MIN_S, RETRY_MAX_S = 2.0, 600.0
+SLICE_S = 60.0  # the longest single sleep before the schedule is looked at again
 
 
 class IdentityError(Exception):
@@ -104,10 +105,25 @@ class Identity:
         log.info("certificate %s valid until %s; renewal due in %.0f s", st.serial,
                  time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(st.not_after)),
                  max(0.0, st.renew_at() - time.time()))
+        failures = 0
         while not stop.is_set():
-            if await _sleep(stop, st.renew_at() - time.time()):
+            # In slices, recomputed from the wall clock each time: a clock that NTP corrects
+            # after boot moves the renewal with it.
+            if await _sleep(stop, min(SLICE_S, st.renew_at() - time.time())):
                 return
-            st = await self._renew(stop, st)
+            if time.time() < st.renew_at():
+                continue
+            try:
+                st = await self._renew(stop, st)
+                failures = 0
+            except IdentityExpired:
+                raise
+            except IdentityError as exc:  # e.g. a full disk: try again, the clock is ticking
+                failures += 1
+                delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(failures, 10))
+                log.error("certificate renewal failed (%s); retrying in %.0f s", exc, delay)
+                if await _sleep(stop, delay):
+                    return
 
     async def _renew(self, stop: asyncio.Event, st: CertStatus) -> CertStatus:
         """Ask until a certificate arrives and is installed; returns its status."""

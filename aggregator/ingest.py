@@ -286,7 +286,7 @@ class Ingest:
                     store.ingest(EventIn(msg, received_at))
                 elif isinstance(msg, RenewRequest):
                     store.ingest(EventIn(msg, received_at))
-                    if self._on_renew is not None:
+                    if self._on_renew is not None and not retained:  # a request is live
                         self._on_renew(msg)
             elif code == "x":
                 c.received += 1

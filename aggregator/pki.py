@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _now() -> dt.datetime:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -263,14 +264,14 @@ class CertificateAuthority:
 def _load_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
-    except (ValueError, TypeError, UnicodeError) as exc:
-        raise PkiError(f"csr is not a PEM certificate request: {exc}") from None
-    try:
-        if not csr.is_signature_valid:
-            raise PkiError("csr signature does not verify")
+        valid = csr.is_signature_valid
+        key = csr.public_key()
     except InvalidSignature:
         raise PkiError("csr signature does not verify") from None
-    key = csr.public_key()
+    except Exception as exc:
+        raise PkiError(f"csr is not a PEM certificate request we can use: {exc}") from None
+    if not valid:
+        raise PkiError("csr signature does not verify")
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise PkiError("csr key must be EC P-256")
     return csr, key
@@ -296,3 +297,16 @@ def read_node_attributes(cert_pem: str) -> NodeAttributes:
         site=get(NameOID.LOCALITY_NAME),
         profile=get(PROFILE_OID),
     )
+
+
+class OrderSigner:
+    """Signs orders with the aggregator's Ed25519 key (the nodes hold its public half)."""
+
+    def __init__(self, key_path: Path) -> None:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise PkiError(f"{key_path}: not an Ed25519 private key")
+        self._key = key
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
