@@ -1,4 +1,5 @@
-"""The local hypervisor through libvirt: inventory, guest figures, lifecycle events.
+"""The local hypervisor through libvirt: inventory, guest figures, lifecycle events, and
+guests defined, started, stopped and removed.
 
 The only module of the agent that imports libvirt. ``libvirtError`` becomes
 :class:`HypervisorError` with libvirt's code and message. Blocking calls run in a worker
@@ -14,7 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import libvirt
 import libvirtaio
@@ -55,6 +56,9 @@ DETAIL_NAMES: Final[dict[int, tuple[str, ...]]] = {
     7: ("memory", "disk"),
     8: ("panicked", "crashloaded"),
 }
+SHUTDOWN_POLL_S: Final = 0.1  # how often shutdown() looks whether the guest is off
+
+T = TypeVar("T")
 
 
 class HypervisorError(Exception):
@@ -77,6 +81,15 @@ class DomainEvent:
 
 def _wrap(exc: libvirt.libvirtError) -> HypervisorError:
     return HypervisorError(exc.get_error_message() or str(exc), exc.get_error_code() or 0)
+
+
+def _destroy(dom: Any) -> None:
+    """Stop a guest hard; one that stopped meanwhile is fine."""
+    try:
+        dom.destroy()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or dom.isActive():
+            raise
 
 
 def register_event_loop() -> None:
@@ -230,6 +243,146 @@ class Hypervisor:
 
         await asyncio.to_thread(op)
 
+    # --- guests: define, start, stop, remove -------------------------------------------------
+    # Each call looks the guest up by uuid in the worker thread; a missing guest is
+    # HypervisorError(code=VIR_ERR_NO_DOMAIN) except where the docstring says otherwise.
+
+    async def capabilities_domain_type(self) -> str:
+        """The domain type this host runs guests with: ``kvm``, ``qemu`` (software emulation
+        only) or ``test`` (libvirt's test driver), from its capabilities."""
+
+        def op() -> str:
+            try:
+                return domain_type_from_capabilities(self._conn.getCapabilities())
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+
+        return await asyncio.to_thread(op)
+
+    async def capabilities_domain_types(self) -> tuple[str, ...]:
+        """Every domain type the host offers for its own architecture, best first. A host may
+        offer ``kvm`` that cannot run guests (a nested machine's /dev/kvm): ``qemu`` (software
+        emulation) is offered wherever QEMU is, and is the choice that always runs."""
+
+        def op() -> tuple[str, ...]:
+            try:
+                return domain_types_from_capabilities(self._conn.getCapabilities())
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+
+        return await asyncio.to_thread(op)
+
+    async def define(self, xml: str) -> str:
+        """Define (or redefine) a persistent guest from domain XML; return its uuid. libvirt
+        validates the XML against its schema first."""
+
+        def op() -> str:
+            try:
+                dom = self._conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+                return str(dom.UUIDString())
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+
+        return await asyncio.to_thread(op)
+
+    async def undefine(self, vm_uuid: str) -> bool:
+        """Remove a guest, stopping it first (hard) if it runs; False if there was none.
+        Its managed save image and snapshot metadata go with it; its disk files stay."""
+
+        def op() -> bool:
+            try:
+                dom = self._conn.lookupByUUIDString(vm_uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise _wrap(exc) from None
+            try:
+                if dom.isActive():
+                    _destroy(dom)
+                if dom.isPersistent():  # a transient guest is gone once destroyed
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                      | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return True  # someone else removed it meanwhile
+                raise _wrap(exc) from None
+            return True
+
+        return await asyncio.to_thread(op)
+
+    async def start(self, vm_uuid: str) -> None:
+        """Start a defined guest (libvirt refuses one that already runs)."""
+        await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.create())
+
+    async def shutdown(self, vm_uuid: str, timeout_s: float) -> bool:
+        """Ask the guest to power off (ACPI power button, or the guest agent if it has one),
+        wait up to ``timeout_s``, then stop it hard. True if it powered off by itself (or was
+        not running), False if it had to be destroyed: a guest without ACPI handling (like
+        the tiny test guest, a busybox shell as init) ignores the button and is destroyed
+        after the timeout."""
+        if await self.state(vm_uuid) in (None, "shut off"):
+            return True
+        try:
+            await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.shutdown())
+        except HypervisorError:
+            if await self.state(vm_uuid) in (None, "shut off"):
+                return True  # it stopped between our look and our request
+            raise
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:  # polled: lifecycle events are the daemon's, not ours to take
+                    if await self.state(vm_uuid) in (None, "shut off"):
+                        return True
+                    await asyncio.sleep(SHUTDOWN_POLL_S)
+        except TimeoutError:
+            pass
+        await asyncio.to_thread(self._on_domain, vm_uuid, _destroy)
+        return False
+
+    async def reboot(self, vm_uuid: str) -> None:
+        """Ask the guest to reboot (ACPI, or its guest agent). With QEMU this is a power-off
+        request that libvirt turns into a restart once the guest powers off: a guest without
+        ACPI handling ignores it, and this call still succeeds."""
+        await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.reboot(0))
+
+    async def state(self, vm_uuid: str) -> str | None:
+        """The guest's state as lifecycle events name it (``running``, ``shut off``, ...);
+        None if there is no such guest."""
+
+        def op() -> str | None:
+            try:
+                dom = self._conn.lookupByUUIDString(vm_uuid)
+                return STATE_NAMES.get(dom.state()[0], "unknown")
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise _wrap(exc) from None
+
+        return await asyncio.to_thread(op)
+
+    async def domain_xml(self, vm_uuid: str) -> str:
+        """The guest's current domain XML, as libvirt completed it."""
+        return await asyncio.to_thread(
+            self._on_domain, vm_uuid, lambda dom: str(dom.XMLDesc(0)))
+
+    async def guest_names(self) -> dict[str, str]:
+        """Every guest on the host, running or not: uuid to name."""
+
+        def op() -> dict[str, str]:
+            try:
+                return {str(d.UUIDString()): str(d.name()) for d in self._conn.listAllDomains(0)}
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+
+        return await asyncio.to_thread(op)
+
+    def _on_domain(self, vm_uuid: str, call: Callable[[Any], T]) -> T:
+        """Run ``call(domain)`` (in the worker thread), libvirt's errors as ours."""
+        try:
+            return call(self._conn.lookupByUUIDString(vm_uuid))
+        except libvirt.libvirtError as exc:
+            raise _wrap(exc) from None
+
     def watch_lifecycle(self, deliver: Callable[[DomainEvent], None]) -> None:
         """Call ``deliver`` on the loop for every domain lifecycle event from now on."""
 
@@ -275,6 +428,25 @@ def domain_type_from_capabilities(caps_xml: str) -> str:
         if preferred in offered:
             return preferred
     return offered[0] if offered else "unknown"
+
+
+def domain_types_from_capabilities(caps_xml: str) -> tuple[str, ...]:
+    """The domain types offered for the host's own architecture: ``kvm``, then ``qemu``, then
+    any other (the test driver's ``test``); empty if the XML says nothing."""
+    try:
+        root = ET.fromstring(caps_xml)  # noqa: S314 - from our own libvirtd, not the network
+    except ET.ParseError:
+        return ()
+    host_arch = root.findtext("host/cpu/arch") or platform.machine()
+    offered = {
+        d.get("type", "")
+        for arch in root.findall("guest/arch")
+        if arch.get("name") == host_arch
+        for d in arch.findall("domain")
+    }
+    offered.discard("")
+    rank = {"kvm": 0, "qemu": 1}
+    return tuple(sorted(offered, key=lambda t: (rank.get(t, 2), t)))
 
 
 def cpu_features_from_capabilities(caps_xml: str) -> tuple[str, ...]:
