@@ -24,11 +24,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from agent import config, daemon
     from agent.hypervisor import HypervisorError
     from agent.identity import IdentityExpired
+    from agent.orders import OrderKeyError
 
     try:
         daemon.run(config.load(args.config))
     except HypervisorError as exc:
         print(f"error: libvirt: {exc}", file=sys.stderr)
+        return 2
+    except OrderKeyError as exc:
+        print(f"error: the order-signing key: {exc}", file=sys.stderr)
         return 2
     except IdentityExpired as exc:  # systemd: RestartPreventExitStatus=3
         print(f"error: {exc}", file=sys.stderr)
@@ -80,6 +84,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             interval_s=args.interval,
             force=args.force,
             group=args.group,
+            domain_type=args.domain_type,
         ))
     except EnrollError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -130,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
                     help="directory of hardware profiles (default: the installed ones)")
     sp.add_argument("--interval", type=float, default=10.0, help="telemetry interval, seconds")
     sp.add_argument("--force", action="store_true", help="re-enroll an enrolled node")
+    sp.add_argument("--domain-type", default="auto", choices=["auto", "kvm", "qemu"],
+                    help="the guests' domain type (default: what the host offers)")
     sp.add_argument("--group", default="",
                     help="the agent service's group, allowed to read the key (e.g. virt8ra)")
     sp.set_defaults(func=_cmd_enroll)

@@ -13,6 +13,11 @@ from agent.wire import ProtocolError, validate_node_id
 class NodeConfig:
     id: str
     profile: str = ""
+    # From the node's certificate, written at enrollment: the node refuses a VM whose
+    # residency policy does not allow them, whatever the aggregator asked.
+    country: str = ""
+    provider: str = ""
+    site: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -43,6 +48,14 @@ class BrokerConfig:
 @dataclass(frozen=True)
 class LibvirtConfig:
     uri: str = "qemu:///system"
+    # The guests' domain type: "auto" takes the best the host's capabilities offer (kvm where
+    # it is there); "qemu" forces software emulation, for hosts whose /dev/kvm cannot run
+    # guests (nested virtualisation that only looks usable).
+    domain_type: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.domain_type not in ("auto", "kvm", "qemu"):
+            raise ValueError(f"domain_type: {self.domain_type!r} must be auto, kvm or qemu")
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,21 @@ class TelemetryConfig:
 class OrdersConfig:
     # The aggregator's Ed25519 order-signing public key (PEM), received at enrollment.
     signing_key_file: Path = Path("/etc/virt8ra/order-signing.pub")
+    # The order journal and the last signed desired state (SQLite).
+    journal_path: Path = Path("/var/lib/virt8ra/orders.sqlite")
+    # Images fetched from the aggregator (checked by sha256) and the VMs' disks.
+    images_dir: Path = Path("/var/lib/virt8ra/images")
+    disks_dir: Path = Path("/var/lib/virt8ra/disks")
+    # The aggregator's image service (HTTPS with this node's certificate), from enrollment.
+    images_url: str = ""
+    # A stop order asks the guest to shut down, and pulls the plug after this long.
+    shutdown_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.images_url and not self.images_url.startswith("https://"):
+            raise ValueError("images_url: must be an https:// URL")
+        if self.shutdown_timeout_s <= 0:
+            raise ValueError("shutdown_timeout_s: must be positive")
 
 
 @dataclass(frozen=True)

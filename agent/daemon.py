@@ -14,8 +14,12 @@ from collections.abc import Callable
 
 from agent import __version__, sdnotify
 from agent.config import AgentConfig
+from agent.configfile import ConfigError
 from agent.hypervisor import DomainEvent, Hypervisor, HypervisorError
 from agent.identity import Identity, IdentityError, IdentityExpired
+from agent.journal import Journal
+from agent.orders import NodeLimits, OrderRunner, Storage, load_verify_key
+from agent.profiles import Reservations, default_profiles_dir, load_profile
 from agent.sampler import HostSampler
 from agent.spool import Dropped, Spool
 from agent.tls import client_context
@@ -27,6 +31,7 @@ from agent.wire import (
     Inventory,
     LifecycleEvent,
     Message,
+    Order,
     Telemetry,
     TelemetryGap,
     encode,
@@ -65,16 +70,29 @@ class Agent:
         )
         self.identity = Identity(config.node.id, c.cert_file, c.key_file, c.ca_file,
                                  lambda make: self._append("events", make))
+        o = config.orders
+        self.journal = Journal(o.journal_path)
+        self.orders = OrderRunner(
+            config.node.id, load_verify_key(o.signing_key_file), self.journal,
+            lambda: self.hypervisor,
+            NodeLimits(config.node.country, config.node.provider, _reservations(config)),
+            Storage(o.images_dir, o.disks_dir, o.images_url, o.shutdown_timeout_s,
+                    config.libvirt.domain_type),
+            lambda: client_context(c.ca_file, c.cert_file, c.key_file),
+            lambda make: self._append("events", make),
+        )
 
     def inventory(self) -> Inventory:
         assert self._inventory is not None, "inventory is read before the uplink starts"
         return self._inventory
 
-    def _on_message(self, msg: Message) -> None:
+    def _on_message(self, msg: Message, payload: bytes) -> None:
         if isinstance(msg, Certificate):
             self.identity.on_certificate(msg)
-        else:  # orders are executed from the next release on
-            log.warning("ignored a %s message: this agent does not execute it", msg.TYPE)
+        elif isinstance(msg, Order):
+            self.orders.submit(msg, payload)
+        else:
+            log.warning("ignored a %s message on the orders topic", msg.TYPE)
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -85,6 +103,7 @@ class Agent:
     async def run(self) -> None:
         await self.identity.check()  # an expired certificate: nothing here can fix that
         await self.spool.open()
+        await self.journal.open()
         try:
             await self._connect_hypervisor()
             sdnotify.notify("READY=1")
@@ -93,10 +112,12 @@ class Agent:
                 tg.create_task(self._forward_events(), name="libvirt-events")
                 tg.create_task(self.uplink.run(self.stop), name="uplink")
                 tg.create_task(self._keep_identity(), name="identity")
+                tg.create_task(self.orders.run(self.stop), name="orders")
         finally:
             sdnotify.notify("STOPPING=1")
             if self.hypervisor is not None:
                 self.hypervisor.close()
+            await self.journal.close()
             await self.spool.close()
 
     async def _keep_identity(self) -> None:
@@ -199,6 +220,18 @@ class Agent:
                     )
                 ),
             )
+
+
+def _reservations(config: AgentConfig) -> Reservations:
+    """The host's own share from its hardware profile (none if the profile is unknown)."""
+    if not config.node.profile:
+        return Reservations()
+    try:
+        return load_profile(default_profiles_dir() / f"{config.node.profile}.toml").reserved
+    except (OSError, ConfigError) as exc:
+        log.warning("hardware profile %s unreadable (%s): no host reservation",
+                    config.node.profile, exc)
+        return Reservations()
 
 
 def _telemetry(node: str, ts: float, interval: float, host: HostSample,

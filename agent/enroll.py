@@ -88,6 +88,7 @@ class EnrollOptions:
     profiles_dir: Path | None = None  # default: the installed hardware-profiles/
     interval_s: float = 10.0
     force: bool = False
+    domain_type: str = "auto"  # or kvm, qemu: the guests' domain type
     group: str = ""  # the service's group: may read the key (0640) and the other files
 
 
@@ -299,8 +300,11 @@ def enroll(opts: EnrollOptions) -> Path:
             cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
             ca = x509.load_pem_x509_certificate(answer["ca"].encode())
             broker_host, broker_port = answer["broker"]["host"], int(answer["broker"]["port"])
-            profile_name = str(answer["attributes"]["profile"])
+            attributes = {"profile": str(answer["attributes"]["profile"]),
+                          **{k: str(answer["attributes"].get(k, ""))
+                             for k in ("country", "provider", "site")}}
             signing_key = _signing_key(answer["order_signing_key"])
+            images_url = str(answer.get("images_url", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise EnrollError(f"the aggregator's answer is incomplete ({exc}); "
                               "is the URL a virt8ra aggregator?") from None
@@ -321,19 +325,25 @@ def enroll(opts: EnrollOptions) -> Path:
         (staging / "agent.toml").write_text(
             "# Written by virt8ra-agent enroll; see packaging/agent.toml for every key.\n"
             + configfile.dump_toml({
-                "node": {"id": opts.node_id, "profile": profile_name},
+                "node": {"id": opts.node_id, **attributes},
                 "broker": {"host": broker_host, "port": broker_port,
                            "ca_file": opts.config_dir / "ca.crt",
                            "cert_file": opts.config_dir / "node.crt",
                            "key_file": opts.config_dir / "node.key"},
-                "libvirt": {"uri": uri},
+                "libvirt": {"uri": uri, "domain_type": opts.domain_type},
                 "telemetry": {"interval_s": opts.interval_s,
                               "spool_path": opts.state_dir / "spool.sqlite"},
-                "orders": {"signing_key_file": opts.config_dir / "order-signing.pub"},
+                "orders": {"signing_key_file": opts.config_dir / "order-signing.pub",
+                           "journal_path": opts.state_dir / "orders.sqlite",
+                           "images_dir": opts.state_dir / "images",
+                           "disks_dir": opts.state_dir / "disks",
+                           "images_url": images_url},
             })
         )
         if opts.group:
             _hand_to_group(staging, opts.group)
+        for stale in ("node.key.next", "node.crt.next"):  # a renewal of the old identity
+            (opts.config_dir / stale).unlink(missing_ok=True)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == "agent.toml"):
             os.replace(item, opts.config_dir / item.name)  # the config last: it marks success
         if opts.group:  # the service renews node.crt and node.key here itself

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 
 def client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -20,3 +23,24 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert_file), str(key_file))
     return ctx
+
+
+def client_verifying_context(cert_file: Path, key_file: Path, ca_file: Path,
+                             crl_file: Path) -> ssl.SSLContext:
+    """A server context that requires a client certificate from ``ca_file`` that
+    ``crl_file`` does not revoke (the aggregator's image service for nodes)."""
+    ctx = server_context(cert_file, key_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(ca_file))
+    ctx.load_verify_locations(cafile=str(crl_file))
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
+def no_delay(sock: Any) -> None:
+    """Send small packets at once (TCP_NODELAY): an order or a report is one small packet,
+    and Nagle's algorithm would hold it until the previous one's ACK, which the peer delays
+    by up to 40 ms."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -4,7 +4,8 @@ Connects with the node's certificate (read anew for every connection, so a renew
 used from the next), sets the retained ``offline`` status as last will, announces ``online``
 with the inventory on every connect, and drains the spool in order with QoS 1, removing a
 message only after the broker acknowledged it. It reads the node's orders topic and hands what
-arrives there, decoded, to ``on_message``. When the connection fails it reconnects with
+arrives there, decoded and as received, to ``on_message``. When the connection fails it
+reconnects with
 exponential backoff and full jitter; the spool keeps filling meanwhile.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import aiomqtt
 
 from agent.spool import Pending, Spool
+from agent.tls import no_delay
 from agent.wire import Inventory, Message, ProtocolError, Status, decode, encode, topic
 
 log = logging.getLogger("virt8ra.agent.uplink")
@@ -55,7 +57,7 @@ class Uplink:
         settings: UplinkSettings,
         spool: Spool,
         inventory: Callable[[], Inventory],
-        on_message: Callable[[Message], None] = lambda msg: None,
+        on_message: Callable[[Message, bytes], None] = lambda msg, payload: None,
     ) -> None:
         self._s = settings
         self._spool = spool
@@ -96,6 +98,7 @@ class Uplink:
                 )
                 async with client:
                     attempt = 0
+                    no_delay(client._client.socket())
                     log.info("connected to %s:%d", self._s.host, self._s.port)
                     await client.subscribe(topic(self._s.node, "orders"), qos=1)
                     await client.publish(status_topic, self._status("online"), qos=1, retain=True)
@@ -132,7 +135,7 @@ class Uplink:
             if msg.node != self._s.node:
                 log.warning("ignored a %s for node %r", msg.TYPE, msg.node)
                 continue
-            self._on_message(msg)
+            self._on_message(msg, payload)
 
     async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Publish spooled messages in order until ``stop``; raises MqttError on link loss."""

@@ -546,7 +546,8 @@ def signed_bytes(envelope: dict[str, Any]) -> bytes:
     """What an order's signature covers: the envelope as sent (every key, including any this
     version does not know), without ``signature``, map keys sorted, packed with msgpack."""
     body = {k: v for k, v in envelope.items() if k != "signature"}
-    return b"virt8ra-order\x00" + msgpack.packb(_canonical(body), use_bin_type=True)
+    packed: bytes = msgpack.packb(_canonical(body), use_bin_type=True)
+    return b"virt8ra-order\x00" + packed
 
 
 def order_envelope(order: Order) -> dict[str, Any]:

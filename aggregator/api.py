@@ -7,17 +7,19 @@ route cannot exist without being documented and guarded. Errors are JSON
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from agent.profiles import Profile
-from aggregator import audit, auth, queries, trust
+from aggregator import audit, auth, images, orders, queries, residency, trust, vms
 from aggregator.auth import ROLES
 from aggregator.enrollment import (
     EnrollmentError,
@@ -29,8 +31,9 @@ from aggregator.enrollment import (
     list_tokens,
     withdraw_token,
 )
+from aggregator.errors import Refused
 from aggregator.metrics import render_metrics
-from aggregator.pki import CertificateAuthority
+from aggregator.pki import CertificateAuthority, OrderSigner
 from aggregator.store import Store
 
 log = logging.getLogger("virt8ra.aggregator.api")
@@ -67,8 +70,14 @@ class Services:
     order_public_key: str  # PEM, handed to every node at enrollment
     # Revoke a node: (node, actor, reason) -> what was done; CRL, broker reload, cut-off.
     revoke: Callable[[str, str, str], Awaitable[dict[str, Any]]]
-    # Certificates were revoked some other way (a node enrolled again): renew the CRL.
-    crl_changed: Callable[[], Awaitable[None]]
+    # A node's earlier certificates were revoked (it enrolled again): renew the CRL and take
+    # over the session of whoever still uses them.
+    crl_changed: Callable[[str], Awaitable[None]]
+    signer: OrderSigner | None = None  # None: this API cannot order anything
+    order_ttl_s: float = 600.0
+    images_dir: Path = Path("images")
+    images_url: str = ""  # the image service nodes fetch from (https, node certificates)
+    orders_changed: Callable[[], None] = lambda: None  # wake the dispatcher
 
 
 SERVICES = web.AppKey("services", Services)
@@ -210,6 +219,9 @@ async def create_enrollment_token(request: web.Request) -> web.Response:
     node_id = body.get("node_id")
     if node_id is not None and not isinstance(node_id, str):
         raise ApiError(400, "invalid_request", "node_id must be a string")
+    if node_id is not None and await _role(request) not in ("admin", "operator"):
+        # A token bound to a node replaces that node's identity: as strong as revoking it.
+        raise ApiError(403, "forbidden", "only admin and operator may bind a token to a node")
     scope = TokenScope(**fields)
     now, actor = time.time(), _actor(request)
     result = await svc.store.write(
@@ -231,7 +243,7 @@ async def list_enrollment_tokens(request: web.Request) -> web.Response:
 
 def _int_id(request: web.Request, what: str) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise ApiError(404, "not_found", f"no {what} {raw!r}")
     return int(raw)
 
@@ -258,9 +270,11 @@ async def enroll_node(request: web.Request) -> web.Response:
             db, now, f"peer:{request.remote}", "node.enroll", node, "refused", reason=code,
         ))
         raise
-    if result.get("re_enrollment"):
-        await svc.crl_changed()  # the node's earlier certificates are revoked now
+    if result.get("re_enrollment"):  # its earlier certificates are revoked: whoever holds
+        await svc.crl_changed(result["node_id"])  # them now is cut off
     result["broker"] = {"host": svc.broker_host, "port": svc.broker_port}
+    if svc.images_url:
+        result["images_url"] = svc.images_url
     result["order_signing_key"] = svc.order_public_key
     return web.json_response(result, status=201)
 
@@ -333,6 +347,168 @@ async def create_api_token(request: web.Request) -> web.Response:
                              status=201)
 
 
+# --- VMs, images, orders ---------------------------------------------------------------------
+
+
+def _live(svc: Services) -> vms.Liveness:
+    return vms.Liveness(svc.heartbeat_factor, svc.min_timeout_s)
+
+
+def _signer(svc: Services) -> OrderSigner:
+    if svc.signer is None:
+        raise ApiError(503, "no_signer", "this aggregator has no order-signing key")
+    return svc.signer
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return web.json_response({"images": await _svc(request).store.read(images.list_images)})
+
+
+async def add_image(request: web.Request) -> web.Response:
+    """JSON ``{"name", "path", "format"}`` (a file on the aggregator), or the image itself as
+    ``application/octet-stream`` with ``?name=&format=``."""
+    svc = _svc(request)
+    if request.content_type == "application/octet-stream":
+        name = images.check_name(request.query.get("name"))
+        fmt = request.query.get("format", "")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                yield chunk
+
+        sha256, size, path = await images.store_stream(chunks(), svc.images_dir)
+    else:
+        body = await _json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+            raise ApiError(400, "invalid_request",
+                           'body must be {"name", "path", "format"} or an upload')
+        name = images.check_name(body.get("name"))
+        fmt = body.get("format", "")
+        sha256, size, path = await asyncio.to_thread(images.store_file, Path(body["path"]),
+                                                     svc.images_dir)
+    if not fmt:
+        fmt = await asyncio.to_thread(images.sniff_format, path)
+    fmt = images.check_format(fmt)
+    now, actor = time.time(), _actor(request)
+
+    def record(db: Any) -> dict[str, Any]:
+        out = images.register(db.conn, name, fmt, sha256, size, path, now)
+        audit.record(db, now, actor, "image.register", name, sha256=sha256, size=size)
+        return out
+
+    return web.json_response(await svc.store.write(record), status=201)
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    node = request.query.get("node", "")
+    return web.json_response(
+        {"vms": await _svc(request).store.read(lambda c: vms.list_vms(c, node))})
+
+
+async def create_vm(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    req = vms.VmRequest.from_json(await _json_body(request))
+    signer, now, actor = _signer(svc), time.time(), _actor(request)
+    result = await svc.store.write(lambda db: vms.create(
+        db.conn, signer, req, now, svc.profiles, _live(svc), svc.order_ttl_s, actor))
+    svc.orders_changed()
+    return web.json_response(result, status=202)
+
+
+async def placement_dry_run(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    req = vms.VmRequest.from_json(await _json_body(request))
+    now = time.time()
+    return web.json_response(await svc.store.read(
+        lambda c: vms.dry_run(c, req, now, svc.profiles, _live(svc))))
+
+
+async def get_vm(request: web.Request) -> web.Response:
+    ref = request.match_info["id"]
+    vm = await _svc(request).store.read(lambda c: vms.get(c, ref))
+    if vm is None:
+        raise ApiError(404, "not_found", f"no VM {ref!r}")
+    return web.json_response(vm)
+
+
+def _vm_action(action: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        svc = _svc(request)
+        ref = request.match_info["id"]
+        signer, now, actor = _signer(svc), time.time(), _actor(request)
+        result = await svc.store.write(lambda db: vms.act(
+            db.conn, signer, vms.resolve(db.conn, ref), action, now, svc.order_ttl_s, actor))
+        svc.orders_changed()
+        return web.json_response(result, status=202)
+
+    handler.__name__ = f"{action}_vm"
+    return handler
+
+
+async def vm_residency(request: web.Request) -> web.Response:
+    ref = request.match_info["id"]
+
+    def read(c: Any) -> dict[str, Any]:
+        row = c.execute("SELECT id FROM vms WHERE id = ? OR name = ? ORDER BY created_at DESC"
+                        " LIMIT 1", (ref, ref)).fetchone()
+        if row is None:
+            raise ApiError(404, "not_found", f"no VM {ref!r}")
+        return {"vm": row[0], **residency.verify(c, row[0])}
+
+    return web.json_response(await _svc(request).store.read(read))
+
+
+async def verify_residency(request: web.Request) -> web.Response:
+    chains = await _svc(request).store.read(residency.verify_all)
+    return web.json_response({"chains": chains,
+                              "all_valid": all(c["chain_valid"] for c in chains)})
+
+
+async def list_orders(request: web.Request) -> web.Response:
+    q = request.query
+    state = q.get("state", "")
+    if state and state not in (*orders.OPEN, *orders.FINAL):
+        raise ApiError(400, "invalid_query",
+                       f"state must be one of {', '.join((*orders.OPEN, *orders.FINAL))}")
+    try:
+        limit = int(q.get("limit", "200"))
+        if not 1 <= limit <= 10000:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "invalid_query", "limit must be an integer from 1 to 10000") from None
+    node, vm = q.get("node", ""), q.get("vm", "")
+    found = await _svc(request).store.read(
+        lambda c: orders.list_orders(c, node, vm, state, limit))
+    return web.json_response({"orders": found})
+
+
+async def get_order(request: web.Request) -> web.Response:
+    order_id = request.match_info["id"]
+    found = await _svc(request).store.read(lambda c: orders.order_json(c, order_id))
+    if found is None:
+        raise ApiError(404, "not_found", f"no order {order_id!r}")
+    return web.json_response(found)
+
+
+_VM_BODY: dict[str, Any] = {
+    "type": "object", "required": ["name", "vcpus", "memory_mib"],
+    "properties": {
+        "name": {"type": "string"}, "vcpus": {"type": "integer"},
+        "memory_mib": {"type": "integer"}, "disk_gib": {"type": "integer"},
+        "boot": {"type": "object", "properties": {
+            "image": {"type": "string"}, "kernel": {"type": "string"},
+            "initrd": {"type": "string"}, "cmdline": {"type": "string"}}},
+        "placement": {"type": "object", "properties": {
+            "countries": {"type": "array", "items": {"type": "string"}},
+            "providers": {"type": "array", "items": {"type": "string"}},
+            "sites": {"type": "array", "items": {"type": "string"}},
+            "labels": {"type": "object"}, "profile": {"type": "string", "nullable": True},
+            "anti_affinity": {"type": "string", "nullable": True}}},
+    },
+}
+_OPERATE = ("admin", "operator")
+_VM_404 = {404: "no such VM"}
+
 _NODE_404 = {404: "no such node"}
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", healthz, PUBLIC, "Liveness of the aggregator"),
@@ -393,6 +569,49 @@ ROUTES: tuple[Route, ...] = (
                 "properties": {"role": {"type": "string", "enum": list(ROLES)},
                                "name": {"type": "string"}}},
           responses={201: "token created", 400: "bad request"}),
+    Route("GET", "/api/v1/images", list_images, ALL_ROLES,
+          "The fleet's images: name, format, size, sha256"),
+    Route("POST", "/api/v1/images", add_image, _OPERATE,
+          "Register an image: a file on the aggregator, or uploaded as application/octet-stream"
+          " with ?name=&format=",
+          body={"type": "object", "required": ["name", "path"],
+                "properties": {"name": {"type": "string"}, "path": {"type": "string"},
+                               "format": {"type": "string", "enum": list(images.FORMATS)}}},
+          responses={201: "registered", 400: "bad request", 409: "the name has other content"}),
+    Route("GET", "/api/v1/vms", list_vms, ALL_ROLES, "Every VM: where it is, desired and actual"
+          " state", query=(("node", "only the VMs on this node"),)),
+    Route("POST", "/api/v1/vms", create_vm, _OPERATE,
+          "Create a VM: placed under its policy and ordered created there",
+          body=_VM_BODY, responses={202: "ordered: {id, node, order}", 400: "bad request",
+                                    409: "fits nowhere (with every node's reasons)"}),
+    Route("POST", "/api/v1/placement/dry-run", placement_dry_run, ALL_ROLES,
+          "Where a VM would go: ranked candidates and every other node with its reasons",
+          body=_VM_BODY, responses={400: "bad request"}),
+    Route("GET", "/api/v1/vms/{id}", get_vm, ALL_ROLES,
+          "One VM (by id or name) with its order history", responses=_VM_404),
+    Route("DELETE", "/api/v1/vms/{id}", _vm_action("delete"), _OPERATE,
+          "Delete a VM: ordered off its node; then it answers 404",
+          responses={202: "ordered", **_VM_404}),
+    Route("POST", "/api/v1/vms/{id}/start", _vm_action("start"), _OPERATE, "Start a VM",
+          responses={202: "ordered", **_VM_404}),
+    Route("POST", "/api/v1/vms/{id}/stop", _vm_action("stop"), _OPERATE,
+          "Stop a VM (shutdown, then power off after the node's timeout)",
+          responses={202: "ordered", **_VM_404}),
+    Route("POST", "/api/v1/vms/{id}/reboot", _vm_action("reboot"), _OPERATE, "Reboot a VM",
+          responses={202: "ordered", **_VM_404}),
+    Route("GET", "/api/v1/vms/{id}/residency", vm_residency, ALL_ROLES,
+          "Where the VM and its disks lived, hash-chained and checked on every read",
+          responses=_VM_404),
+    Route("GET", "/api/v1/residency/verify", verify_residency, ("admin", "operator"),
+          "Check every VM's residency chain end to end"),
+    Route("GET", "/api/v1/orders", list_orders, ALL_ROLES, "Orders, newest first",
+          query=(("node", "only this node's"), ("vm", "only this VM's"),
+                 ("state", "pending, sent, accepted, succeeded, failed or expired"),
+                 ("limit", "at most this many, 1-10000 (default 200)")),
+          responses={400: "bad query"}),
+    Route("GET", "/api/v1/orders/{id}", get_order, ALL_ROLES,
+          "One order with its state history and the node's result",
+          responses={404: "no such order"}),
     Route("GET", "/api/v1/api-tokens", list_api_tokens, ("admin",),
           "Every API token with its role and state (never the token itself)"),
     Route("DELETE", "/api/v1/api-tokens/{id}", revoke_api_token, ("admin",),
@@ -442,6 +661,13 @@ def openapi_document(routes: tuple[Route, ...]) -> dict[str, Any]:
 
 # --- middleware -----------------------------------------------------------------------------
 
+ROLE_KEY = web.RequestKey("role", str)
+
+
+async def _role(request: web.Request) -> str:
+    return str(request.get(ROLE_KEY, ""))
+
+
 def _actor(request: web.Request) -> str:
     return str(request.get(ACTOR_KEY, "anonymous"))
 
@@ -465,6 +691,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 return error(401, "unauthorized", "a valid bearer token is required")
             token_id, name, role = identity
             request[ACTOR_KEY] = f"token:{token_id}:{name}"
+            request[ROLE_KEY] = role
             if role not in route.roles:
                 await _audit_request(request, route, 403)
                 return error(403, "forbidden", f"role {role!r} may not {route.method} {route.path}")
@@ -483,8 +710,13 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return error(exc.status, exc.code, exc.message)
-    except EnrollmentError as exc:
-        return error(exc.status, exc.code, str(exc))
+    except Refused as exc:
+        response = error(exc.status, exc.code, str(exc))
+        if exc.detail:
+            response = web.json_response(
+                {"error": {"code": exc.code, "message": str(exc), **exc.detail}},
+                status=exc.status)
+        return response
 
 
 async def _audit_request(request: web.Request, route: Route, status: int) -> None:

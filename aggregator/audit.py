@@ -14,8 +14,8 @@ from typing import Any
 import sqlite_utils
 
 
-def record(db: sqlite_utils.Database, now: float, actor: str, action: str, subject: str = "",
-          outcome: str = "ok", **detail: Any) -> None:
+def record(db: sqlite_utils.Database | sqlite3.Connection, now: float, actor: str,
+           action: str, subject: str = "", outcome: str = "ok", **detail: Any) -> None:
     """Append one audit event. ``actor`` is who acted: ``token:<id>:<name>`` for an API token,
     ``node:<id>`` for a node, ``cli`` for the aggregator's own command line."""
     db.execute(

@@ -50,7 +50,8 @@ def _with_store(data_dir: Path, fn: Callable[[sqlite_utils.Database], T]) -> T:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     result = service.init(args.data_dir, api_host=args.api_host, api_port=args.api_port,
-                          broker_port=args.broker_port, broker_user=args.broker_user)
+                          broker_port=args.broker_port, broker_user=args.broker_user,
+                          images_port=args.images_port)
     print(f"initialised {result.data_dir}")
     print(f"  CA fingerprint: {result.ca_fingerprint}")
     print(f"  admin token:    {Layout(result.data_dir).admin_token}")
@@ -163,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-port", type=int, default=8480)
     sp.add_argument("--broker-port", type=int, default=8883)
     sp.add_argument("--broker-user", default="mosquitto")
+    sp.add_argument("--images-port", type=int, default=8481,
+                    help="the image service nodes fetch from (HTTPS, node certificates)")
     sp.set_defaults(func=_cmd_init)
 
     sp = sub.add_parser("serve", help="run the aggregator (and its managed broker)")

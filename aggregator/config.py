@@ -95,6 +95,29 @@ class PkiConfig:
 
 
 @dataclass(frozen=True)
+class OrdersConfig:
+    ttl_s: float = 600.0  # an order not finished by then ends as expired
+    # Unanswered orders are published again with backoff; this is how often the dispatcher
+    # looks (new orders go out at once).
+    dispatch_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ttl_s < 5 or self.dispatch_interval_s <= 0:
+            raise ValueError("ttl_s must be at least 5 and dispatch_interval_s positive")
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    # Nodes fetch images here over HTTPS with their own certificates (mutual TLS, CRL checked).
+    host: str = "127.0.0.1"
+    port: int = 8481
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -102,6 +125,8 @@ class AggregatorConfig:
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     pki: PkiConfig = field(default_factory=PkiConfig)
+    orders: OrdersConfig = field(default_factory=OrdersConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
 
 @dataclass(frozen=True)
@@ -153,6 +178,10 @@ class Layout:
     @property
     def order_public_key(self) -> Path:
         return self.pki / "order-signing.pub"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
 
     @property
     def ca_cert(self) -> Path:

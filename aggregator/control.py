@@ -25,7 +25,7 @@ from typing import Any
 
 import aiomqtt
 
-from agent.tls import client_context
+from agent.tls import client_context, no_delay
 from agent.wire import topic
 from aggregator.pki import CertificateAuthority
 
@@ -67,6 +67,7 @@ class Control:
             try:
                 async with client:
                     attempt = 0
+                    no_delay(client._client.socket())
                     self._client = client
                     self.connected.set()
                     log.info("control session up at %s:%d", s.host, s.port)

@@ -105,7 +105,8 @@ class Demo:
         if not self.layout.config.exists():
             self.console.print(f"initialising [bold]{self.dir}[/]")
             self._run([py, "-m", "aggregator", "init", "--data-dir", str(self.dir),
-                       "--api-port", str(self.api_port), "--broker-port", str(self.broker_port)])
+                       "--api-port", str(self.api_port), "--broker-port", str(self.broker_port),
+                       "--images-port", str(free_port())])
         else:
             self.console.print(f"reusing [bold]{self.dir}[/] (already initialised)")
             self._use_api_port()
@@ -113,9 +114,21 @@ class Demo:
         api = ApiClient(f"http://127.0.0.1:{self.api_port}",
                         self.layout.admin_token.read_text().strip())
         self._wait_healthy(api)
+        self._register_image(api)
         for node in self.nodes:
             self._start_agent(api, node)
         return api
+
+    def _register_image(self, api: ApiClient) -> None:
+        """A small disk image, so VMs can be created at once (test-driver nodes fetch and
+        check it like any image; they run no disks)."""
+        if any(i["name"] == DEMO_IMAGE for i in api.get("/api/v1/images")["images"]):
+            return
+        path = self.dir / "demo-image.raw"
+        if not path.exists():
+            path.write_bytes(b"virt8ra demo image\n".ljust(1 << 20, b"\0"))
+        api.post("/api/v1/images", {"name": DEMO_IMAGE, "path": str(path), "format": "raw"})
+        self.console.print(f"registered image [cyan]{DEMO_IMAGE}[/] (1 MiB)")
 
     def _use_api_port(self) -> None:
         """Serve on the port asked for now, whatever the directory was made with."""
@@ -195,6 +208,9 @@ class Demo:
             log.close()
 
 
+DEMO_IMAGE = "tiny"
+
+
 def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
     try:
         proc.wait(timeout=timeout_s)
@@ -235,8 +251,10 @@ def run_demo(data_dir: Path, nodes: int, api_port: int, broker_port: int = 0,
             f"\nAPI: http://127.0.0.1:{api_port}  (admin token in {token_file})\n"
             f"  curl -H \"Authorization: Bearer $(cat {token_file})\" "
             f"127.0.0.1:{api_port}/api/v1/nodes\n"
-            f"  VIRT8RA_API=http://127.0.0.1:{api_port} VIRT8RA_TOKEN=$(cat {token_file}) "
-            f"virt8ra nodes\n"
+            f"  export VIRT8RA_API=http://127.0.0.1:{api_port} VIRT8RA_TOKEN=$(cat {token_file})\n"
+            f"  virt8ra nodes\n"
+            f"  virt8ra vm create cam-7 --image {DEMO_IMAGE} --disk 1 --country SI\n"
+            f"  virt8ra vms; virt8ra orders; virt8ra vm residency cam-7\n"
             f"logs in {demo.dir / 'logs'}; Ctrl-C stops everything.",
             flush=True,
         )

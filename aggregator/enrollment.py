@@ -18,19 +18,15 @@ import sqlite_utils
 from agent.profiles import HostFacts, Profile, profile_failures
 from agent.wire import ProtocolError, validate_node_id
 from aggregator.audit import record as audit
+from aggregator.errors import Refused
 from aggregator.pki import CertificateAuthority, NodeAttributes, PkiError, csr_key_id
 
 COUNTRY = re.compile(r"[A-Z]{2}")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
 
-class EnrollmentError(Exception):
-    """A request that cannot be granted; ``code`` is the API error code, ``status`` its HTTP."""
-
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
+class EnrollmentError(Refused):
+    """A request about enrollment or trust that cannot be granted."""
 
 
 def hash_secret(secret: str) -> str:

@@ -30,7 +30,7 @@ import msgpack
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
-from agent.tls import client_context
+from agent.tls import client_context, no_delay
 from agent.wire import (
     CHANNEL_OF,
     LifecycleEvent,
@@ -109,6 +109,7 @@ class _LeanClient(aiomqtt.Client):
         self._client.disable_logger()
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        no_delay(sock)
         if not isinstance(client._sock, _ReadBuffered):
             client._sock = _ReadBuffered(client._sock)  # type: ignore[assignment]
         super()._on_socket_open(client, userdata, client._sock)

@@ -149,6 +149,10 @@ def _cmd_apikey_revoke(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
+    if args.verify:
+        if args.verify != "verify":
+            raise ApiClientError(f"unknown audit command {args.verify!r}: try `audit verify`")
+        return _cmd_audit_verify(args, console)
     query = {"limit": str(args.limit)}
     for name in ("since", "action", "subject"):
         if getattr(args, name):
@@ -165,6 +169,118 @@ def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
                       f"{e['subject']} by {e['actor']}  [dim]{detail}[/]", highlight=False,
                       soft_wrap=True)
     return 0
+
+
+def _cmd_vms(args: argparse.Namespace, console: Console) -> int:
+    found = _client(args).get("/api/v1/vms", **({"node": args.node} if args.node else {}))
+    if args.json:
+        print(json.dumps(found["vms"], indent=2))
+        return 0
+    table = Table()
+    for col in ("name", "id", "node", "desired", "actual", "vcpus", "memory", "why"):
+        table.add_column(col)
+    for vm in found["vms"]:
+        style = "green" if vm["actual_state"] == "running" else "yellow"
+        table.add_row(vm["name"], vm["id"][:8], vm["node"] or "", vm["desired_state"],
+                      f"[{style}]{vm['actual_state']}[/]", str(vm["vcpus"]),
+                      f"{vm['memory_mib']} MiB", vm["state_reason"])
+    console.print(table)
+    return 0
+
+
+def _wait_order(api: ApiClient, order_id: str, console: Console, timeout_s: float) -> int:
+    with console.status(f"order {order_id} ...") as status:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            order = api.get(f"/api/v1/orders/{order_id}")
+            status.update(f"order {order_id}: {order['state']}")
+            if order["state"] in ("succeeded", "failed", "expired"):
+                break
+            if time.monotonic() > deadline:
+                console.print(f"[yellow]order {order_id} still {order['state']}[/]")
+                return 1
+            time.sleep(0.3)
+    if order["state"] == "succeeded":
+        console.print(f"[green]{order['action']} succeeded[/] on {order['node']}: "
+                      f"{json.dumps(order['result'])}")
+        return 0
+    console.print(f"[red]{order['action']} {order['state']}[/] on {order['node']}: "
+                  f"{order['error']}")
+    return 1
+
+
+def _cmd_vm(args: argparse.Namespace, console: Console) -> int:
+    api = _client(args)
+    if args.action == "create":
+        body: dict[str, Any] = {"name": args.name, "vcpus": args.vcpus,
+                                "memory_mib": args.memory, "disk_gib": args.disk,
+                                "boot": {}, "placement": {
+                                    "countries": args.country, "providers": args.provider,
+                                    "sites": args.site, "profile": args.profile or None,
+                                    "anti_affinity": args.anti_affinity or None}}
+        for key in ("image", "kernel", "initrd", "cmdline"):
+            if getattr(args, key):
+                body["boot"][key] = getattr(args, key)
+        try:
+            made = api.post("/api/v1/vms", body)
+        except ApiClientError as exc:
+            if exc.code == "no_placement":
+                console.print(f"[red]{exc}[/]")
+            raise
+        console.print(f"{args.name} ({made['id']}) goes to [bold]{made['node']}[/]")
+        return _wait_order(api, made["order"], console, args.wait) if args.wait else 0
+    if args.action == "show":
+        vm = api.get(f"/api/v1/vms/{args.name}")
+        print(json.dumps(vm, indent=2))
+        return 0
+    if args.action == "residency":
+        print(json.dumps(api.get(f"/api/v1/vms/{args.name}/residency"), indent=2))
+        return 0
+    if args.action == "delete":
+        done = api.request("DELETE", f"/api/v1/vms/{args.name}")
+    else:
+        done = api.post(f"/api/v1/vms/{args.name}/{args.action}", {})
+    if done["order"] is None:
+        console.print(f"{args.name}: {args.action} done")
+        return 0
+    return _wait_order(api, done["order"], console, args.wait) if args.wait else 0
+
+
+def _cmd_orders(args: argparse.Namespace, console: Console) -> int:
+    query = {k: v for k, v in (("node", args.node), ("vm", args.vm), ("state", args.state))
+             if v}
+    found = _client(args).get("/api/v1/orders", limit=str(args.limit), **query)["orders"]
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    _rows(console, found, ["id", "node", "seq", "action", "state", "created_at", "error"])
+    return 0
+
+
+def _cmd_image(args: argparse.Namespace, console: Console) -> int:
+    api = _client(args)
+    if args.action == "list":
+        _rows(console, api.get("/api/v1/images")["images"],
+              ["name", "format", "size", "sha256", "created_at"])
+        return 0
+    body = {"name": args.name, "path": str(Path(args.path).resolve())}
+    if args.format:
+        body["format"] = args.format
+    print(json.dumps(api.post("/api/v1/images", body), indent=2))
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace, console: Console) -> int:
+    found = _client(args).get("/api/v1/residency/verify")
+    for chain in found["chains"]:
+        if chain["chain_valid"]:
+            console.print(f"[green]ok[/]     {chain['vm']} ({chain['events']} entries)")
+        else:
+            console.print(f"[red]BROKEN[/] {chain['vm']}: the chain breaks at entry "
+                          f"{chain['broken_at']}")
+    console.print(f"{len(found['chains'])} residency record(s): "
+                  + ("[green]all intact[/]" if found["all_valid"] else "[red]tampered[/]"))
+    return 0 if found["all_valid"] else 1
 
 
 def _cmd_telemetry(args: argparse.Namespace, console: Console) -> int:
@@ -253,12 +369,61 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("id", type=int)
     sp.set_defaults(func=_cmd_apikey_revoke)
 
-    sp = sub.add_parser("audit", help="the audit trail, newest first")
+    sp = sub.add_parser("vms", help="every VM")
+    sp.add_argument("--node", default="")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_vms)
+
+    vm = sub.add_parser("vm", help="create and operate one VM").add_subparsers(
+        dest="action", required=True)
+    sp = vm.add_parser("create", help="place a VM under its policy and create it")
+    sp.add_argument("name")
+    sp.add_argument("--vcpus", type=int, default=1)
+    sp.add_argument("--memory", type=int, default=256, help="MiB")
+    sp.add_argument("--disk", type=int, default=0, help="GiB")
+    sp.add_argument("--image", default="")
+    sp.add_argument("--kernel", default="")
+    sp.add_argument("--initrd", default="")
+    sp.add_argument("--cmdline", default="")
+    sp.add_argument("--country", action="append", default=[], help="allowed (repeatable)")
+    sp.add_argument("--provider", action="append", default=[], help="allowed (repeatable)")
+    sp.add_argument("--site", action="append", default=[], help="allowed (repeatable)")
+    sp.add_argument("--profile", default="")
+    sp.add_argument("--anti-affinity", default="", help="never on a node with this group")
+    sp.add_argument("--wait", type=float, default=60, help="seconds to wait (0: don't)")
+    sp.set_defaults(func=_cmd_vm)
+    for action in ("show", "start", "stop", "reboot", "delete", "residency"):
+        sp = vm.add_parser(action, help=f"{action} a VM (by name or id)")
+        sp.add_argument("name")
+        sp.add_argument("--wait", type=float, default=60, help="seconds to wait (0: don't)")
+        sp.set_defaults(func=_cmd_vm)
+
+    sp = sub.add_parser("orders", help="orders, newest first")
+    sp.add_argument("--node", default="")
+    sp.add_argument("--vm", default="")
+    sp.add_argument("--state", default="")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_orders)
+
+    img = sub.add_parser("image", help="the fleet's images").add_subparsers(
+        dest="action", required=True)
+    sp = img.add_parser("list", help="every image")
+    sp.set_defaults(func=_cmd_image)
+    sp = img.add_parser("add", help="register a file on the aggregator host as an image")
+    sp.add_argument("name")
+    sp.add_argument("path")
+    sp.add_argument("--format", default="", choices=["", "raw", "qcow2", "kernel", "initrd"])
+    sp.set_defaults(func=_cmd_image)
+
+    sp = sub.add_parser("audit", help="the audit trail, newest first; `audit verify` checks"
+                                      " every VM's residency record")
     sp.add_argument("--since", default="")
     sp.add_argument("--action", default="", help="e.g. node.revoke, or a prefix: node")
     sp.add_argument("--subject", default="", help="e.g. a node id")
     sp.add_argument("--limit", type=int, default=50)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("verify", nargs="?", default="", help="`verify`: check residency chains")
     sp.set_defaults(func=_cmd_audit)
 
     sp = sub.add_parser("demo", help="run the whole system on this machine")

@@ -21,16 +21,16 @@ from aiohttp import web
 
 from agent import configfile, sdnotify
 from agent.profiles import Profile, default_profiles_dir, load_profiles
-from agent.tls import server_context
+from agent.tls import client_verifying_context, server_context
 from agent.wire import Certificate, RenewRequest, encode
-from aggregator import audit, broker, config, trust
+from aggregator import audit, broker, config, images, orders, trust
 from aggregator.api import Services, make_app
 from aggregator.auth import create_api_token
 from aggregator.config import AggregatorConfig, Layout
 from aggregator.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
 from aggregator.enrollment import EnrollmentError
 from aggregator.ingest import Ingest, ReceiverSettings
-from aggregator.pki import CertificateAuthority, make_order_key
+from aggregator.pki import CertificateAuthority, OrderSigner, make_order_key
 from aggregator.store import Store
 
 log = logging.getLogger("virt8ra.aggregator")
@@ -52,7 +52,8 @@ class InitResult:
 
 
 def init(data_dir: Path, *, api_host: str = "127.0.0.1", api_port: int = 8480,
-         broker_port: int = 8883, broker_user: str = "mosquitto") -> InitResult:
+         broker_port: int = 8883, broker_user: str = "mosquitto",
+         images_port: int = 8481) -> InitResult:
     """Make the CA, service certificates, broker config, database and first admin token."""
     layout = Layout(data_dir)
     if layout.config.exists():
@@ -63,6 +64,7 @@ def init(data_dir: Path, *, api_host: str = "127.0.0.1", api_port: int = 8480,
         "api": {"host": api_host, "port": api_port},
         "broker": {"managed": True, "host": "127.0.0.1", "port": broker_port,
                    "user": broker_user},
+        "images": {"host": api_host, "port": images_port},
     }
     cfg = configfile.build(AggregatorConfig, table, layout.config)
     ca = CertificateAuthority(layout.pki)
@@ -139,7 +141,11 @@ class Aggregator:
             self.ca,
         )
         self._renewals: asyncio.Queue[RenewRequest] = asyncio.Queue(maxsize=10_000)
+        self._crl_lock = asyncio.Lock()
         self.renewed = 0
+        self.signer: OrderSigner | None = None
+        self._dispatch_now = asyncio.Event()
+        self.orders_published = 0
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -160,6 +166,7 @@ class Aggregator:
             "virt8ra_store_backlog": s.backlog,
             "virt8ra_broker_restarts": self.supervisor.restarts if self.supervisor else 0,
             "virt8ra_certificates_renewed": self.renewed,
+            "virt8ra_orders_published": self.orders_published,
         }
 
     async def run(self) -> None:
@@ -168,6 +175,7 @@ class Aggregator:
         try:
             await asyncio.to_thread(ensure_identities, self.layout, self.ca)
             self.order_public_key = self.layout.order_public_key.read_text()
+            self.signer = OrderSigner(self.layout.order_key)
             await self.refresh_crl()  # before the broker reads it: it may have expired meanwhile
             async with asyncio.TaskGroup() as tg:
                 if cfg.broker.managed:
@@ -178,6 +186,8 @@ class Aggregator:
                 tg.create_task(self.control.run(self.stop), name="control")
                 tg.create_task(self._renewer(), name="renewals")
                 tg.create_task(self._crl_keeper(), name="crl")
+                tg.create_task(self._dispatcher(), name="orders")
+                tg.create_task(self._image_service(), name="images")
                 tg.create_task(self._retention(), name="retention")
                 tg.create_task(self._api(), name="api")
                 tg.create_task(self._watchdog(), name="watchdog")
@@ -198,7 +208,12 @@ class Aggregator:
             metrics=self.figures,
             order_public_key=self.order_public_key,
             revoke=self.revoke,
-            crl_changed=self.refresh_crl,
+            crl_changed=self._re_enrolled,
+            signer=self.signer,
+            order_ttl_s=cfg.orders.ttl_s,
+            images_dir=self.layout.images,
+            images_url=f"https://{cfg.images.host}:{cfg.images.port}",
+            orders_changed=self._dispatch_now.set,
         )
         runner = web.AppRunner(make_app(services), access_log=None)
         await runner.setup()
@@ -226,16 +241,20 @@ class Aggregator:
 
     # --- trust: CRL, revocation, renewal -------------------------------------------------------
 
-    async def refresh_crl(self) -> None:
-        """Write the CRL from the database and have the broker re-read it (SIGHUP)."""
-        serials = await self.store.read(lambda c: trust.crl_serials(c, time.time()))
-        await asyncio.to_thread(self.ca.write_crl, self.layout.crl, serials,
-                                self.config.pki.crl_days)
-        if self.supervisor is not None and self.supervisor.reload():
-            log.info("CRL renewed (%d revoked); the broker re-reads it", len(serials))
-        elif not self.config.broker.managed:
-            log.warning("CRL renewed at %s: have your broker re-read it (SIGHUP)",
-                        self.layout.crl)
+    async def refresh_crl(self) -> bool:
+        """Write the CRL from the database and have the broker re-read it (SIGHUP); True when
+        the broker was told. One at a time, so a newer list is never overwritten by an older."""
+        async with self._crl_lock:
+            serials = await self.store.read(lambda c: trust.crl_serials(c, time.time()))
+            await asyncio.to_thread(self.ca.write_crl, self.layout.crl, serials,
+                                    self.config.pki.crl_days)
+            if self.supervisor is not None and self.supervisor.reload():
+                log.info("CRL renewed (%d revoked); the broker re-reads it", len(serials))
+                return True
+            if not self.config.broker.managed:
+                log.warning("CRL renewed at %s: have your broker re-read it (SIGHUP)",
+                            self.layout.crl)
+            return False
 
     async def _crl_keeper(self) -> None:
         """Re-sign the CRL at half its validity: an expired CRL makes the broker refuse
@@ -245,7 +264,10 @@ class Aggregator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=period)
             if not self.stop.is_set():
-                await self.refresh_crl()
+                try:
+                    await self.refresh_crl()
+                except Exception:  # retried at the next turn; the old CRL stays valid meanwhile
+                    log.exception("CRL renewal failed")
 
     async def revoke(self, node: str, actor: str, reason: str) -> dict[str, Any]:
         """Revoke ``node``: CRL, broker reload, then take its live session away."""
@@ -253,18 +275,31 @@ class Aggregator:
         serials = await self.store.write(
             lambda db: trust.revoke_node(db, node, now, actor, reason)
         )
-        await self.refresh_crl()
-        dropped = False
-        if self.supervisor is not None:
-            await asyncio.sleep(0.3)  # the broker handles SIGHUP on its next loop turn
+        dropped, reloaded = await self.cut_off(node)
+        return {"node": node, "revoked_at": now, "serials": serials, "reason": reason,
+                "broker_reloaded": reloaded, "session_dropped": dropped}
+
+    async def cut_off(self, node: str) -> tuple[bool, bool]:
+        """After revoking certificates of ``node``: renew the CRL, have the broker re-read it
+        and take the node's live session over; ``(session dropped, broker reloaded)``. With a
+        broker we do not manage, the session is left alone: it would only reconnect under
+        the old CRL until that broker re-reads it."""
+        reloaded = await self.refresh_crl()
+        if not reloaded:
+            log.error("%s: revoked, but the broker was not told; its session stays until the"
+                      " broker re-reads %s", node, self.layout.crl)
+            return False, False
+        await asyncio.sleep(0.3)  # the broker handles SIGHUP on its next loop turn
         try:
             await self.control.cut_off(node)
-            dropped = True
         except ControlUnavailable as exc:
             log.error("revoked %s, but its live session stays until it reconnects: %s", node,
                       exc)
-        return {"node": node, "revoked_at": now, "serials": serials, "reason": reason,
-                "session_dropped": dropped}
+            return False, True
+        return True, True
+
+    async def _re_enrolled(self, node: str) -> None:
+        await self.cut_off(node)
 
     def _renewal_requested(self, request: RenewRequest) -> None:
         try:
@@ -282,7 +317,11 @@ class Aggregator:
                 if not getter.done():
                     getter.cancel()
                     return
-                await self._renew(getter.result())
+                req = getter.result()
+                try:
+                    await self._renew(req)
+                except Exception:  # one node's request must never stop the aggregator
+                    log.exception("renewal for %s failed", req.node)
         finally:
             stopper.cancel()
 
@@ -314,6 +353,65 @@ class Aggregator:
         if not renewed.reused:
             self.renewed += 1
         log.info("renewed %s's certificate (serial %s)", req.node, renewed.serial)
+
+    # --- orders and images --------------------------------------------------------------------
+
+    async def _dispatcher(self) -> None:
+        """Publish due orders in sequence: new ones at once, unanswered ones again with
+        backoff, everything a node missed when it comes back; expire what ran out of time."""
+        interval = self.config.orders.dispatch_interval_s
+        while not self.stop.is_set():
+            self._dispatch_now.clear()
+            try:
+                await self._dispatch(time.time())
+            except Exception:  # a bad turn must not stop order delivery for good
+                log.exception("order dispatch failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dispatch_now.wait(), timeout=interval)
+
+    async def _dispatch(self, now: float) -> None:
+        expired = await self.store.write(lambda db: orders.expire(db.conn, now))
+        if expired:
+            log.warning("%d order(s) expired unfinished", expired)
+        due = await self.store.read(lambda c: orders.due(c, now))
+        sent: list[str] = []
+        for item in due:
+            try:
+                await self.control.publish(item.node_id, item.payload, wait_s=2)
+            except ControlUnavailable as exc:
+                log.warning("orders wait for the broker: %s", exc)
+                break
+            sent.append(item.order_id)
+        if sent:
+            self.orders_published += len(sent)
+            await self.store.write(lambda db: orders.mark_sent(db.conn, sent, now))
+
+    async def _image_service(self) -> None:
+        """Images for nodes: HTTPS that requires a fleet certificate not in the CRL."""
+        cfg = self.config.images
+        app = web.Application()
+
+        async def image(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            path = await self.store.read(lambda c: images.path_of(c, name))
+            if path is None:
+                return web.json_response(
+                    {"error": {"code": "not_found", "message": f"no image {name!r}"}},
+                    status=404)
+            return web.FileResponse(path)
+
+        app.router.add_get("/images/{name}", image)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        tls = client_verifying_context(self.layout.pki / "api.crt", self.layout.pki / "api.key",
+                                       self.layout.ca_cert, self.layout.crl)
+        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls)
+        await site.start()
+        log.info("image service on https://%s:%d", cfg.host, cfg.port)
+        try:
+            await self.stop.wait()
+        finally:
+            await runner.cleanup()
 
     async def _retention(self) -> None:
         r = self.config.retention

@@ -35,7 +35,7 @@ from agent.wire import (
     decode,
     to_plain,
 )
-from aggregator import fleet, migrations
+from aggregator import fleet, migrations, orders
 
 log = logging.getLogger("virt8ra.aggregator.store")
 T = TypeVar("T")
@@ -400,6 +400,8 @@ class Store:
                 item.retained, item.received_at, st.node,
             ),
         )
+        if st.state == "online" and not item.retained:
+            orders.node_online(conn, st.node, item.received_at)
 
     def _event(self, conn: sqlite3.Connection, item: EventIn) -> None:
         ev = item.event
@@ -408,6 +410,7 @@ class Store:
         if isinstance(ev, LifecycleEvent):
             vm_uuid, vm_name = ev.vm_uuid, ev.vm_name
             summary = f"{ev.vm_name}: {ev.event} ({ev.detail}), now {ev.state}"
+            orders.apply_lifecycle(conn, ev.node, ev.vm_uuid, ev.state, item.received_at)
         elif isinstance(ev, TelemetryGap):
             vm_uuid = vm_name = ""
             summary = f"{ev.channel} {ev.first_seq}..{ev.last_seq} dropped: {ev.reason}"
@@ -419,7 +422,8 @@ class Store:
                 "%Y-%m-%d %H:%M:%S UTC)", time.gmtime(ev.not_after))
         else:
             vm_uuid = vm_name = ""
-            summary = f"order {ev.order_id}: {ev.state}"
+            summary = f"order {ev.order_id}: {ev.state}" + (f" ({ev.error})" if ev.error else "")
+            orders.apply_report(conn, ev, item.received_at)
         cur = conn.execute(
             "INSERT OR IGNORE INTO events (node_id, seq, ts, received_at, type, vm_uuid, vm_name,"
             " summary, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -141,6 +141,12 @@ uri = "test://{(d / 'host.xml').resolve()}"
 [telemetry]
 interval_s = {float(args.interval)}
 spool_path = "{d / 'spool.sqlite'}"
+
+[orders]
+signing_key_file = "{root.parent / 'pki' / 'order-signing.pub'}"
+journal_path = "{d / 'orders.sqlite'}"
+images_dir = "{d / 'images'}"
+disks_dir = "{d / 'disks'}"
 """)
     return config
 

@@ -17,11 +17,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent.profiles import Profile, default_profiles_dir, load_profiles
-from aggregator import trust
+from aggregator import trust, vms
 from aggregator.api import Services, make_app
 from aggregator.auth import ROLES, create_api_token
 from aggregator.enrollment import TokenScope, create_token
-from aggregator.pki import CertificateAuthority, make_order_key
+from aggregator.pki import CertificateAuthority, OrderSigner, make_order_key
 from aggregator.store import Store
 
 
@@ -71,6 +71,7 @@ class Api:
     client: TestClient  # type: ignore[type-arg]
     tokens: dict[str, str]
     store: Store
+    ids: dict[str, str]  # things the fixture made: a VM, an order
 
     async def call(self, method: str, path: str, token: str | None = None,
                    body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
@@ -114,20 +115,41 @@ async def api(root_dir: Path, pki: CertificateAuthority,
         return {"node": node, "revoked_at": at, "serials": serials, "reason": reason,
                 "session_dropped": False}
 
-    async def crl_changed() -> None:
+    async def crl_changed(node: str) -> None:
         pass
 
     order_key = root_dir / "api-order-signing.pub"
     make_order_key(root_dir / "api-order-signing.key", order_key)
 
+    signer = OrderSigner(root_dir / "api-order-signing.key")
+    # A node that is always online with room for VMs, and a VM on it with its create order.
+    inventory = json.dumps({"cpus": 64, "memory_bytes": 512 << 30})
+    await store.write(lambda db: db.execute(
+        "INSERT INTO nodes (id, site, country, provider, profile, enrolled_at, reported_status,"
+        " last_seen, interval_s, inventory) VALUES ('si-rack-01', 'ljubljana-dc-1', 'SI',"
+        " 'arnes', 'rack-server', 1, 'online', 4102444800, 10, ?)", [inventory]))  # 2100
+    live = vms.Liveness(3.0, 5.0)
+    made = await store.write(lambda db: vms.create(
+        db.conn, signer, vms.VmRequest.from_json({"name": "fixture-vm", "vcpus": 1,
+                                                  "memory_mib": 256}),
+        now, profiles, live, 600, "test"))
+    doomed = await store.write(lambda db: vms.create(
+        db.conn, signer, vms.VmRequest.from_json({"name": "fixture-doomed", "vcpus": 1,
+                                                  "memory_mib": 256}),
+        now, profiles, live, 600, "test"))
     services = Services(
         store=store, ca=pki, profiles=profiles, heartbeat_factor=3.0, min_timeout_s=5.0,
         cert_days=1.0, broker_host="127.0.0.1", broker_port=8883, metrics=lambda: {},
         order_public_key=order_key.read_text(), revoke=revoke,
-        crl_changed=crl_changed,
+        crl_changed=crl_changed, signer=signer, images_dir=root_dir / "api-images",
     )
     client = TestClient(TestServer(make_app(services), host="127.0.0.1"))
     await client.start_server()
-    yield Api(client, tokens, store)
+    yield Api(client, tokens, store, {"vm": made["id"], "order": made["order"],
+                                      "doomed": doomed["id"]})
     await client.close()
     store.stop()
+
+
+# Session fixtures for real QEMU guests: the system libvirtd and the tiny guest's images.
+from tests.guests import system_libvirt, tiny_guest  # noqa: E402, F401

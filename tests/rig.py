@@ -103,7 +103,8 @@ class Fleet:
     def create(cls, directory: Path, *, managed_broker: bool = False,
                overrides: dict[str, dict[str, Any]] | None = None) -> Fleet:
         api_port, broker_port = free_port(), free_port()
-        result = service.init(directory, api_port=api_port, broker_port=broker_port)
+        result = service.init(directory, api_port=api_port, broker_port=broker_port,
+                              images_port=free_port())
         layout = Layout(directory)
         with layout.config.open("rb") as fh:
             table = tomllib.load(fh)

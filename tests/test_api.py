@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +18,10 @@ from tests.conftest import SPARE_API_TOKEN_ID, SPARE_ENROLLMENT_TOKEN_ID, Api
 
 TOKEN_BODY = {"site": "graz-tower-3", "country": "AT", "provider": "a1-telekom",
               "profile": "tower-5g", "ttl_seconds": 600}
+VM_BODY = {"name": "cam-7", "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
+           "placement": {"countries": ["SI"]}}
 # A valid request for every route: the role matrix below must cover each one.
-EXAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
+EXAMPLES: dict[tuple[str, str], Any] = {  # (path, body), or a function of the Api to it
     ("GET", "/healthz"): ("/healthz", None),
     ("GET", "/metrics"): ("/metrics", None),
     ("GET", "/api/v1/openapi.json"): ("/api/v1/openapi.json", None),
@@ -35,7 +40,41 @@ EXAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("POST", "/api/v1/nodes/{id}/revoke"):
         ("/api/v1/nodes/at-stolen-01/revoke", {"reason": "stolen from the tower"}),
     ("GET", "/api/v1/audit"): ("/api/v1/audit?action=node&limit=5", None),
+    ("GET", "/api/v1/images"): ("/api/v1/images", None),
+    ("POST", "/api/v1/images"): lambda api: (
+        "/api/v1/images", {"name": "tiny", "path": str(_tiny_image()), "format": "raw"}),
+    ("GET", "/api/v1/vms"): ("/api/v1/vms?node=si-rack-01", None),
+    ("POST", "/api/v1/vms"): lambda api: ("/api/v1/vms", _vm_body()),
+    ("POST", "/api/v1/placement/dry-run"): ("/api/v1/placement/dry-run", VM_BODY),
+    ("GET", "/api/v1/vms/{id}"): lambda api: (f"/api/v1/vms/{api.ids['vm']}", None),
+    ("DELETE", "/api/v1/vms/{id}"): lambda api: (f"/api/v1/vms/{_matrix_vm(api)}", None),
+    ("POST", "/api/v1/vms/{id}/start"): lambda api: (f"/api/v1/vms/{api.ids['vm']}/start",
+                                                     None),
+    ("POST", "/api/v1/vms/{id}/stop"): lambda api: (f"/api/v1/vms/{api.ids['vm']}/stop", None),
+    ("POST", "/api/v1/vms/{id}/reboot"): lambda api: (f"/api/v1/vms/{api.ids['vm']}/reboot",
+                                                      None),
+    ("GET", "/api/v1/vms/{id}/residency"): lambda api: (
+        f"/api/v1/vms/{api.ids['vm']}/residency", None),
+    ("GET", "/api/v1/residency/verify"): ("/api/v1/residency/verify", None),
+    ("GET", "/api/v1/orders"): ("/api/v1/orders?node=si-rack-01&limit=5", None),
+    ("GET", "/api/v1/orders/{id}"): lambda api: (f"/api/v1/orders/{api.ids['order']}", None),
 }
+_names = itertools.count(1)
+
+
+def _vm_body() -> dict[str, Any]:
+    return {**VM_BODY, "name": f"matrix-{next(_names)}"}
+
+
+def _matrix_vm(api: Api) -> str:
+    """A VM of the fixture's, for a DELETE (deleting it twice is fine: the same order)."""
+    return api.ids["doomed"]
+
+
+def _tiny_image() -> Path:
+    path = Path(tempfile.gettempdir()) / "virt8ra-api-test-image.raw"
+    path.write_bytes(b"\0" * 4096)
+    return path
 
 
 def test_every_route_has_an_example_and_is_documented() -> None:
@@ -61,7 +100,8 @@ MATRIX = [(r, role) for r in ROUTES for role in (*ROLES, None, "bogus")]
 @pytest.mark.parametrize(("route", "role"), MATRIX,
                          ids=[f"{r.method} {r.path} as {role}" for r, role in MATRIX])
 async def test_role_matrix(api: Api, route: Any, role: str | None) -> None:
-    path, body = EXAMPLES[(route.method, route.path)]
+    example = EXAMPLES[(route.method, route.path)]
+    path, body = example(api) if callable(example) else example
     token = api.tokens.get(role, "v8a_not-a-token") if role else None
     status, answer = await api.call(route.method, path, token, body)
     if not route.roles:  # public; enroll is authorised by the token in its body (none here)
@@ -183,3 +223,21 @@ async def test_the_last_admin_token_cannot_be_revoked(api: Api) -> None:
     assert status == 404
     status, _ = await api.call("DELETE", "/api/v1/api-tokens/not-a-number", api.tokens["admin"])
     assert status == 404
+
+
+@pytest.mark.parametrize("raw", ["%C2%B2", "%D9%A3", "1e3", "-1", "99999999999999999999"])
+async def test_odd_ids_are_not_found_not_errors(api: Api, raw: str) -> None:
+    for path in (f"/api/v1/api-tokens/{raw}", f"/api/v1/enrollment-tokens/{raw}"):
+        status, answer = await api.call("DELETE", path, api.tokens["admin"])
+        assert status == 404, answer
+
+
+async def test_only_admin_and_operator_bind_a_token_to_a_node(api: Api) -> None:
+    body = {**TOKEN_BODY, "node_id": "si-tower-01"}
+    status, answer = await api.call("POST", "/api/v1/enrollment-tokens",
+                                    api.tokens["technician"], body)
+    assert (status, answer["error"]["code"]) == (403, "forbidden")
+    status, answer = await api.call("POST", "/api/v1/enrollment-tokens", api.tokens["admin"],
+                                    body)
+    assert status == 201
+    assert answer["node_id"] == "si-tower-01"

@@ -118,7 +118,7 @@ async def test_an_unknown_profile_is_a_usage_error(capsys: pytest.CaptureFixture
     assert code == 2
     assert out == ""
     assert "unknown profile 'tower-6g'" in err
-    assert "edge-server, rack-server, tower-5g" in err
+    assert "edge-server, lab-host, rack-server, tower-5g" in err
     code, _, err = await _run(["check", "--profile", "../etc/passwd"], capsys)
     assert code == 2
     code, _, err = await _run(["check", "--simulate", "no-such-box"], capsys)

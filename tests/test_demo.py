@@ -78,6 +78,16 @@ def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
         shown = subprocess.run([*cli, "node", first], env=env, capture_output=True, text=True,
                                check=True).stdout
         assert f"{first}-guest-1" in shown
+        # A VM from the image the demo registered, where its policy allows.
+        country = str(nodes[0]["country"])
+        made = subprocess.run([*cli, "vm", "create", "cam-7", "--image", "tiny", "--disk", "1",
+                               "--country", country, "--wait", "30"], env=env,
+                              capture_output=True, text=True, check=False)
+        assert made.returncode == 0, made.stdout + made.stderr
+        assert "create succeeded" in made.stdout
+        vm = api.get("/api/v1/vms/cam-7")
+        assert vm["actual_state"] == "running"
+        assert api.get(f"/api/v1/nodes/{vm['node']}")["country"] == country
         refused = subprocess.run([*cli, "--token", "wrong", "nodes"], env=env,
                                  capture_output=True, text=True, check=False)
         assert refused.returncode == 2

@@ -19,12 +19,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from agent import config
 from agent.enroll import HINTS, EnrollError, EnrollOptions, enroll
 from agent.profiles import Profile
+from aggregator import trust
+from aggregator.enrollment import EnrollmentError
 from aggregator.pki import CertificateAuthority, NodeAttributes, read_node_attributes
 from tests.conftest import Api
 from tests.rig import Fleet, wait_for
@@ -358,3 +360,23 @@ async def test_an_answer_without_an_ed25519_signing_key_is_incomplete(
         await fake.server.close()
     assert len(fake.requests) == 1
     assert not (workdir / "etc").exists()
+
+
+@pytest.mark.parametrize("csr", [
+    "", "not pem", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    # A well-formed request for a key type we do not accept (RSA).
+    "RSA",
+])
+async def test_a_renewal_with_an_unusable_csr_is_refused_not_raised(
+        api: Api, pki: CertificateAuthority, csr: str) -> None:
+    if csr == "RSA":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        csr = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "si-tower-01")])
+        ).sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+    await api.store.write(lambda db: db.execute(
+        "UPDATE nodes SET enrolled_at = 1 WHERE id = 'si-tower-01' AND enrolled_at IS NULL"))
+    with pytest.raises(EnrollmentError) as err:
+        await api.store.write(
+            lambda db: trust.renew(db, pki, "si-tower-01", csr, time.time(), 1.0))
+    assert err.value.code == "invalid_csr"

@@ -17,16 +17,21 @@ GATEWAYS = {
     # The aggregator's two MQTT sessions: receiving (ingest) and sending (control).
     "aiomqtt": {"agent/uplink.py", "aggregator/ingest.py", "aggregator/control.py"},
     "paho": {"aggregator/ingest.py"},
-    "sqlite3": {"agent/spool.py", "aggregator/store.py", "aggregator/queries.py",
-                "aggregator/trust.py", "aggregator/audit.py"},
+    # The agent's two local databases; the aggregator's store and the functions that run on
+    # its threads (they take its connections).
+    "sqlite3": {"agent/spool.py", "agent/journal.py", "aggregator/store.py",
+                "aggregator/queries.py", "aggregator/trust.py", "aggregator/audit.py",
+                "aggregator/orders.py", "aggregator/residency.py", "aggregator/vms.py",
+                "aggregator/images.py", "aggregator/placement.py"},
     # Functions that run on the store's writer thread take its sqlite-utils Database.
     "sqlite_utils": {"aggregator/store.py", "aggregator/migrations.py",
                      "aggregator/enrollment.py", "aggregator/auth.py", "aggregator/cli.py",
                      "aggregator/service.py", "aggregator/trust.py", "aggregator/audit.py"},
     # The agent's x509 work runs in the enroll command and in a child process (certtool).
     "cryptography": {"agent/enroll.py", "agent/certtool.py", "aggregator/pki.py"},
-    "ssl": {"agent/tls.py", "agent/uplink.py", "agent/enroll.py", "aggregator/ingest.py",
-            "aggregator/control.py"},
+    "ssl": {"agent/tls.py", "agent/uplink.py", "agent/enroll.py", "agent/images.py",
+            "aggregator/ingest.py", "aggregator/control.py"},
+    "nacl": {"agent/orders.py"},
     "prometheus_client": {"aggregator/metrics.py"},
 }
 

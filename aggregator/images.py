@@ -1,0 +1,111 @@
+"""The fleet's images: registered from a file on the aggregator or uploaded, kept by digest in
+the data directory, and served to nodes over HTTPS that requires a node certificate from the
+fleet CA (not revoked: the CRL is checked), whatever the operators' API listens on."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
+
+from aggregator.errors import Refused
+
+IMAGE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+FORMATS: Final = ("raw", "qcow2", "kernel", "initrd")
+MAX_IMAGE_BYTES: Final = 64 << 30
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not IMAGE_NAME.fullmatch(name):
+        raise Refused("invalid_name", "image name: letters, digits, . _ - (at most 128)")
+    return name
+
+
+def check_format(fmt: Any) -> str:
+    if fmt not in FORMATS:
+        raise Refused("invalid_format", f"format must be one of {', '.join(FORMATS)}")
+    return str(fmt)
+
+
+def sniff_format(path: Path) -> str:
+    with path.open("rb") as fh:
+        return "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
+
+
+def store_file(source: Path, directory: Path) -> tuple[str, int, Path]:
+    """Copy ``source`` into ``directory`` under its sha256; ``(sha256, size, path)``.
+    Blocking: run it in a thread."""
+    if not source.is_file():
+        raise Refused("invalid_path", f"{source} is not a file on the aggregator")
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".upload-")
+    try:
+        with source.open("rb") as src, os.fdopen(fd, "wb") as out:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        return _keep(Path(tmp), digest.hexdigest(), directory)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+async def store_stream(chunks: AsyncIterator[bytes], directory: Path) -> tuple[str, int, Path]:
+    """An upload streamed into ``directory`` under its sha256 (file work in a thread)."""
+    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=directory, prefix=".upload-")
+    tmp = Path(name)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > MAX_IMAGE_BYTES:
+                    raise Refused("too_large", f"images are limited to {MAX_IMAGE_BYTES} bytes",
+                                  413)
+                digest.update(chunk)
+                await asyncio.to_thread(out.write, chunk)
+        if size == 0:
+            raise Refused("empty", "the upload is empty")
+        return await asyncio.to_thread(_keep, tmp, digest.hexdigest(), directory)
+    except BaseException:
+        await asyncio.to_thread(tmp.unlink, missing_ok=True)
+        raise
+
+
+def _keep(tmp: Path, sha256: str, directory: Path) -> tuple[str, int, Path]:
+    final = directory / sha256
+    size = tmp.stat().st_size
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, final)
+    return sha256, size, final
+
+
+def register(conn: sqlite3.Connection, name: str, fmt: str, sha256: str, size: int,
+             path: Path, now: float) -> dict[str, Any]:
+    existing = conn.execute("SELECT sha256 FROM images WHERE name = ?", (name,)).fetchone()
+    if existing is not None and existing[0] != sha256:
+        raise Refused("name_taken", f"an image {name!r} with other content exists: images are"
+                      " immutable, pick a new name", 409)
+    conn.execute("INSERT OR IGNORE INTO images (name, format, size, sha256, path, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?)", (name, fmt, size, sha256, str(path), now))
+    return {"name": name, "format": fmt, "size": size, "sha256": sha256}
+
+
+def list_images(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [{"name": n, "format": f, "size": s, "sha256": h, "created_at": c}
+            for n, f, s, h, c in conn.execute(
+                "SELECT name, format, size, sha256, created_at FROM images ORDER BY name")]
+
+
+def path_of(conn: sqlite3.Connection, name: str) -> Path | None:
+    row = conn.execute("SELECT path FROM images WHERE name = ?", (name,)).fetchone()
+    return None if row is None else Path(row[0])

@@ -1,0 +1,233 @@
+"""Virtual machines: requests checked, placed and turned into signed orders, in one transaction.
+
+Placement and the order that follows run on the store's writer thread, so what one request
+commits is counted by the next: two concurrent requests never overbook a node. A VM's
+``desired_state`` is what the operator asked; its ``actual_state`` comes from the node
+(order results and libvirt lifecycle events), never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from agent.profiles import Profile
+from agent.wire import VmSpec
+from aggregator import orders
+from aggregator.audit import record as audit
+from aggregator.errors import Refused
+from aggregator.pki import OrderSigner
+from aggregator.placement import Demand, Policy, load_nodes, place
+
+VM_NAME: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+ACTIONS: Final = {"start": "running", "stop": "stopped", "reboot": "running",
+                  "delete": "deleted"}
+
+
+@dataclass(frozen=True)
+class Liveness:
+    heartbeat_factor: float
+    min_timeout_s: float
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    name: str
+    vcpus: int
+    memory_mib: int
+    disk_gib: int
+    image: str
+    kernel: str
+    initrd: str
+    cmdline: str
+    policy: Policy
+
+    @classmethod
+    def from_json(cls, body: Any) -> VmRequest:
+        if not isinstance(body, dict):
+            raise Refused("invalid_request", "body must be a JSON object")
+        name = body.get("name")
+        if not isinstance(name, str) or not VM_NAME.fullmatch(name):
+            raise Refused("invalid_name", "name must be a lower-case DNS label (a-z, 0-9, -;"
+                          " at most 63 characters)")
+
+        def integer(key: str, low: int, high: int, default: int | None = None) -> int:
+            value = body.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise Refused("invalid_request", f"{key} must be an integer from {low} to {high}")
+            return value
+
+        vcpus = integer("vcpus", 1, 64)
+        memory = integer("memory_mib", 64, 1 << 20)
+        disk = integer("disk_gib", 0, 1 << 16, 0)
+        boot = body.get("boot", {})
+        if not isinstance(boot, dict) or not set(boot) <= {"image", "kernel", "initrd",
+                                                            "cmdline"}:
+            raise Refused("invalid_request", 'boot must be {"image": NAME} or {"kernel": NAME,'
+                          ' "initrd": NAME, "cmdline": TEXT}')
+        fields = {}
+        for key in ("image", "kernel", "initrd", "cmdline"):
+            value = boot.get(key) or ""
+            if not isinstance(value, str) or len(value) > (1024 if key == "cmdline" else 128):
+                raise Refused("invalid_request", f"boot.{key} must be a short string")
+            fields[key] = value
+        if fields["image"] and fields["kernel"]:
+            raise Refused("invalid_request", "boot from an image or a kernel, not both")
+        if fields["initrd"] and not fields["kernel"]:
+            raise Refused("invalid_request", "boot.initrd needs boot.kernel")
+        try:
+            policy = Policy.from_json(body.get("placement", {}))
+        except ValueError as exc:
+            raise Refused("invalid_placement", f"placement: {exc}") from None
+        return cls(name, vcpus, memory, disk, fields["image"], fields["kernel"],
+                   fields["initrd"], fields["cmdline"], policy)
+
+    def demand(self) -> Demand:
+        return Demand(self.vcpus, self.memory_mib, self.disk_gib, self.policy)
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.policy
+        return {
+            "name": self.name, "vcpus": self.vcpus, "memory_mib": self.memory_mib,
+            "disk_gib": self.disk_gib,
+            "boot": {k: v for k, v in (("image", self.image), ("kernel", self.kernel),
+                                       ("initrd", self.initrd), ("cmdline", self.cmdline)) if v},
+            "placement": {"countries": list(p.countries), "providers": list(p.providers),
+                          "sites": list(p.sites), "labels": dict(p.labels),
+                          "profile": p.profile, "anti_affinity": p.anti_affinity},
+        }
+
+
+def dry_run(conn: sqlite3.Connection, req: VmRequest, now: float,
+            profiles: Mapping[str, Profile], live: Liveness) -> dict[str, Any]:
+    demand = req.demand()
+    nodes = load_nodes(conn, demand, now=now, profiles=profiles,  # every node, with reasons
+                       heartbeat_factor=live.heartbeat_factor, min_timeout_s=live.min_timeout_s,
+                       push_down=False)
+    return place(demand, nodes).to_json()
+
+
+def _image(conn: sqlite3.Connection, name: str) -> str:
+    if not name:
+        return ""
+    row = conn.execute("SELECT sha256 FROM images WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise Refused("unknown_image", f"no image {name!r}: register it (POST /api/v1/images)",
+                      400)
+    return str(row[0])
+
+
+def create(conn: sqlite3.Connection, signer: OrderSigner, req: VmRequest, now: float,
+           profiles: Mapping[str, Profile], live: Liveness, ttl_s: float,
+           actor: str) -> dict[str, Any]:
+    """Place the VM and order it created there; 409 with every node's reasons if it fits
+    nowhere."""
+    if conn.execute("SELECT 1 FROM vms WHERE name = ? AND deleted_at IS NULL",
+                    (req.name,)).fetchone():
+        raise Refused("name_taken", f"a VM named {req.name!r} exists", 409)
+    digests = {key: _image(conn, getattr(req, key)) for key in ("image", "kernel", "initrd")}
+    demand = req.demand()
+    nodes = load_nodes(conn, demand, now=now, profiles=profiles,
+                       heartbeat_factor=live.heartbeat_factor, min_timeout_s=live.min_timeout_s)
+    decision = place(demand, nodes)
+    if not decision.candidates:  # explain it with every node, not just those loaded
+        raise Refused("no_placement", f"no node can take {req.name!r}", 409,
+                      detail=dry_run(conn, req, now, profiles, live))
+    node_id = decision.candidates[0][0]
+    vm_id = str(uuid.uuid4())
+    p = req.policy
+    conn.execute(
+        "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec, anti_affinity,"
+        " desired_state, actual_state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+        " 'running', 'pending', ?, ?)",
+        (vm_id, req.name, node_id, req.vcpus, req.memory_mib, req.disk_gib,
+         json.dumps(req.to_json()), p.anti_affinity, now, now),
+    )
+    spec = VmSpec(
+        uuid=vm_id, name=req.name, vcpus=req.vcpus, memory_mib=req.memory_mib,
+        disk_gib=req.disk_gib, image=req.image, image_sha256=digests["image"],
+        kernel=req.kernel, kernel_sha256=digests["kernel"], initrd=req.initrd,
+        initrd_sha256=digests["initrd"], cmdline=req.cmdline,
+        countries=p.countries, providers=p.providers,
+    )
+    order_id = orders.issue(conn, signer, node_id, vm_id, "create", now, ttl_s, vm=spec)
+    audit(conn, now, actor, "vm.create", vm_id, name=req.name, node=node_id, order=order_id)
+    return {"id": vm_id, "node": node_id, "order": order_id}
+
+
+def act(conn: sqlite3.Connection, signer: OrderSigner, vm_id: str, action: str, now: float,
+        ttl_s: float, actor: str) -> dict[str, Any]:
+    row = conn.execute("SELECT node_id, desired_state FROM vms WHERE id = ? AND deleted_at IS"
+                       " NULL", (vm_id,)).fetchone()
+    if row is None:
+        raise Refused("not_found", f"no VM {vm_id!r}", 404)
+    node_id, desired = row
+    if node_id is None:  # its create failed: nothing runs anywhere
+        if action == "delete":
+            conn.execute("UPDATE vms SET desired_state = 'deleted', deleted_at = ?,"
+                         " actual_state = 'deleted', updated_at = ? WHERE id = ?",
+                         (now, now, vm_id))
+            audit(conn, now, actor, "vm.delete", vm_id)
+            return {"id": vm_id, "node": None, "order": None}
+        raise Refused("not_placed", "the VM is on no node (its creation failed): delete it",
+                      409)
+    if desired == "deleted":
+        if action == "delete":  # asked again: the same answer, the same order
+            (order_id,) = conn.execute(
+                "SELECT id FROM orders WHERE vm_id = ? AND action = 'delete' ORDER BY seq DESC"
+                " LIMIT 1", (vm_id,)).fetchone() or (None,)
+            return {"id": vm_id, "node": node_id, "order": order_id}
+        raise Refused("deleting", "the VM is being deleted", 409)
+    order_id = orders.issue(conn, signer, node_id, vm_id, action, now, ttl_s,
+                            params={"vm_uuid": vm_id})
+    conn.execute("UPDATE vms SET desired_state = ?, updated_at = ? WHERE id = ?",
+                 (ACTIONS[action], now, vm_id))
+    audit(conn, now, actor, f"vm.{action}", vm_id, node=node_id, order=order_id)
+    return {"id": vm_id, "node": node_id, "order": order_id}
+
+
+_VM_COLUMNS = ("id, name, node_id, vcpus, memory_mib, disk_gib, spec, desired_state,"
+               " actual_state, state_reason, created_at, updated_at")
+
+
+def _vm(row: tuple[Any, ...]) -> dict[str, Any]:
+    (vm_id, name, node, vcpus, memory, disk, spec, desired, actual, reason, created,
+     updated) = row
+    return {"id": vm_id, "name": name, "node": node, "vcpus": vcpus, "memory_mib": memory,
+            "disk_gib": disk, "spec": json.loads(spec), "desired_state": desired,
+            "actual_state": actual, "state_reason": reason, "created_at": created,
+            "updated_at": updated}
+
+
+def get(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE (id = ? OR name = ?) AND"
+                       " deleted_at IS NULL ORDER BY created_at DESC LIMIT 1",
+                       (vm_id, vm_id)).fetchone()
+    if row is None:
+        return None
+    vm = _vm(row)
+    vm["orders"] = orders.list_orders(conn, "", vm["id"], "", 50)
+    return vm
+
+
+def list_vms(conn: sqlite3.Connection, node: str) -> list[dict[str, Any]]:
+    sql = f"SELECT {_VM_COLUMNS} FROM vms WHERE deleted_at IS NULL"
+    args: list[Any] = []
+    if node:
+        sql += " AND node_id = ?"
+        args.append(node)
+    return [_vm(r) for r in conn.execute(sql + " ORDER BY name", args)]
+
+
+def resolve(conn: sqlite3.Connection, ref: str) -> str:
+    """A VM's id from its id or its name; 404 otherwise."""
+    row = conn.execute("SELECT id FROM vms WHERE (id = ? OR name = ?) AND deleted_at IS NULL",
+                       (ref, ref)).fetchone()
+    if row is None:
+        raise Refused("not_found", f"no VM {ref!r}", 404)
+    return str(row[0])
