@@ -211,10 +211,84 @@ def _m003_vms(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m004_placement_figures(db: sqlite_utils.Database) -> None:
+    """What placement reads per decision, kept up to date by triggers in the same transaction
+    as each change: a node's capacity as columns (from its inventory and facts) and the
+    resources its VMs commit (instead of a sum over every VM per decision)."""
+    db.executescript(
+        """
+        ALTER TABLE nodes ADD COLUMN cap_cpus INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN cap_memory_mib INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN cap_disk_gib INTEGER NOT NULL DEFAULT 0;
+        CREATE TRIGGER nodes_capacity AFTER UPDATE OF inventory, facts ON nodes BEGIN
+            UPDATE nodes SET
+                cap_cpus = CASE WHEN json_valid(NEW.inventory)
+                    AND json_type(NEW.inventory, '$.cpus') = 'integer'
+                    THEN max(json_extract(NEW.inventory, '$.cpus'), 0) ELSE 0 END,
+                cap_memory_mib = CASE WHEN json_valid(NEW.inventory)
+                    AND json_type(NEW.inventory, '$.memory_bytes') = 'integer'
+                    THEN max(json_extract(NEW.inventory, '$.memory_bytes'), 0) / 1048576
+                    ELSE 0 END,
+                cap_disk_gib = CASE WHEN json_valid(NEW.facts)
+                    AND json_type(NEW.facts, '$.disk_gib') = 'integer'
+                    THEN max(json_extract(NEW.facts, '$.disk_gib'), 0) ELSE 0 END
+            WHERE id = NEW.id;
+        END;
+        CREATE TRIGGER nodes_capacity_new AFTER INSERT ON nodes
+            WHEN NEW.inventory IS NOT NULL OR NEW.facts IS NOT NULL BEGIN
+            UPDATE nodes SET inventory = inventory WHERE id = NEW.id;
+        END;
+        UPDATE nodes SET inventory = inventory;
+        -- Covering: a create's shortlist reads only this, never the wide rows (inventory).
+        CREATE INDEX nodes_placement ON nodes (reported_status, cordoned, revoked_at, id, site,
+            country, provider, profile, last_seen, interval_s, cap_cpus, cap_memory_mib,
+            cap_disk_gib);
+        CREATE INDEX vms_group ON vms (anti_affinity, node_id) WHERE deleted_at IS NULL
+            AND anti_affinity IS NOT NULL;
+
+        CREATE TABLE node_usage (
+            node_id TEXT PRIMARY KEY,
+            vcpus INTEGER NOT NULL,
+            memory_mib INTEGER NOT NULL,
+            disk_gib INTEGER NOT NULL,
+            vms INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        INSERT INTO node_usage SELECT node_id, sum(vcpus), sum(memory_mib), sum(disk_gib),
+            count(*) FROM vms WHERE deleted_at IS NULL AND node_id IS NOT NULL GROUP BY node_id;
+        CREATE TRIGGER vms_usage_insert AFTER INSERT ON vms
+            WHEN NEW.deleted_at IS NULL AND NEW.node_id IS NOT NULL BEGIN
+            INSERT INTO node_usage VALUES (NEW.node_id, NEW.vcpus, NEW.memory_mib, NEW.disk_gib, 1)
+                ON CONFLICT (node_id) DO UPDATE SET vcpus = vcpus + excluded.vcpus,
+                memory_mib = memory_mib + excluded.memory_mib,
+                disk_gib = disk_gib + excluded.disk_gib, vms = vms + 1;
+        END;
+        CREATE TRIGGER vms_usage_update
+            AFTER UPDATE OF node_id, deleted_at, vcpus, memory_mib, disk_gib ON vms BEGIN
+            UPDATE node_usage SET vcpus = vcpus - OLD.vcpus,
+                memory_mib = memory_mib - OLD.memory_mib, disk_gib = disk_gib - OLD.disk_gib,
+                vms = vms - 1
+                WHERE node_id = OLD.node_id AND OLD.deleted_at IS NULL;
+            INSERT INTO node_usage SELECT NEW.node_id, NEW.vcpus, NEW.memory_mib, NEW.disk_gib, 1
+                WHERE NEW.deleted_at IS NULL AND NEW.node_id IS NOT NULL
+                ON CONFLICT (node_id) DO UPDATE SET vcpus = vcpus + excluded.vcpus,
+                memory_mib = memory_mib + excluded.memory_mib,
+                disk_gib = disk_gib + excluded.disk_gib, vms = vms + 1;
+        END;
+        CREATE TRIGGER vms_usage_delete AFTER DELETE ON vms
+            WHEN OLD.deleted_at IS NULL AND OLD.node_id IS NOT NULL BEGIN
+            UPDATE node_usage SET vcpus = vcpus - OLD.vcpus,
+                memory_mib = memory_mib - OLD.memory_mib, disk_gib = disk_gib - OLD.disk_gib,
+                vms = vms - 1 WHERE node_id = OLD.node_id;
+        END;
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_trust", _m002_trust),
     ("003_vms", _m003_vms),
+    ("004_placement_figures", _m004_placement_figures),
 ]
 
 

@@ -444,17 +444,11 @@ def load_nodes(
     that has gone are ignored. ``groups`` holds only the demand's own anti-affinity group
     (where a VM of it runs): the only group ``place`` looks at."""
     where, params = _scope(demand.policy, profiles) if push_down else ("", [])
-    # Scoped, the committed figures of the nodes in scope through the index on vms.node_id;
-    # fleet-wide, one pass over vms.
+    # node_usage: the committed figures, kept by triggers on vms (migration 004).
     used: dict[str, tuple[int, int, int]] = {
         node: (v, m, d) for node, v, m, d in conn.execute(
-            "SELECT v.node_id, sum(v.vcpus), sum(v.memory_mib), sum(v.disk_gib)"
-            f" FROM nodes JOIN vms v ON v.node_id = nodes.id AND v.deleted_at IS NULL{where}"
-            " GROUP BY v.node_id", params)
-    } if where else {
-        node: (v, m, d) for node, v, m, d in conn.execute(
-            "SELECT node_id, sum(vcpus), sum(memory_mib), sum(disk_gib) FROM vms"
-            " WHERE deleted_at IS NULL AND node_id IS NOT NULL GROUP BY node_id")
+            "SELECT u.node_id, u.vcpus, u.memory_mib, u.disk_gib FROM nodes"
+            f" JOIN node_usage u ON u.node_id = nodes.id{where}", params)
     }
     grouped: set[str] = set()
     group = demand.policy.anti_affinity
@@ -489,3 +483,65 @@ def load_nodes(
             u[0], u[1], u[2], in_group if node_id in grouped else no_group,
         ))
     return out
+
+
+def shortlist(
+    conn: sqlite3.Connection, demand: Demand, *, now: float, profiles: Mapping[str, Profile],
+    heartbeat_factor: float, min_timeout_s: float, cpu_overcommit: float = 4.0,
+    limit: int = 8,
+) -> list[NodeView]:
+    """The best ``limit`` nodes for ``demand``, chosen in SQL from the capacity columns and
+    ``node_usage`` that triggers keep (migration 004): the fast path of a create, which needs
+    the best node, not an account of every other. The same rules as :func:`place`, which
+    remains the authority: a create places among these with it. Nodes that fail are not
+    returned; :func:`load_nodes` with ``push_down=False`` explains them."""
+    where, params = _scope(demand.policy, profiles)
+    scope = where.replace(" WHERE ", " AND ", 1)
+    reserved = [(name, p.reserved.cpus, p.reserved.memory_mib) for name, p in profiles.items()]
+    values = ", ".join("(?, ?, ?)" for _ in reserved) or "(NULL, 0, 0)"
+    group = demand.policy.anti_affinity
+    # Allocatable figures: the host's minus its profile's reservations.
+    mem = "max(n.cap_memory_mib - coalesce(r.memory_mib, 0), 0)"
+    cpus = "max(n.cap_cpus - coalesce(r.cpus, 0), 0)"
+    cpu_limit = f"CAST({cpus} * ? AS INTEGER)"
+    used_m, used_c, used_d = ("coalesce(u.memory_mib, 0)", "coalesce(u.vcpus, 0)",
+                              "coalesce(u.disk_gib, 0)")
+    sql = f"""
+        WITH r(profile, cpus, memory_mib) AS (VALUES {values})
+        SELECT n.id, n.site, n.country, n.provider, n.profile, {cpus}, {mem}, n.cap_disk_gib,
+               {used_c}, {used_m}, {used_d},
+               min(({mem} - {used_m} - ?) * 1.0 / {mem},
+                   ({cpu_limit} - {used_c} - ?) * 1.0 / {cpu_limit},
+                   CASE WHEN n.cap_disk_gib > 0
+                        THEN (n.cap_disk_gib - {used_d} - ?) * 1.0 / n.cap_disk_gib
+                        ELSE 1.0 END) AS score
+        FROM nodes n LEFT JOIN node_usage u ON u.node_id = n.id
+             LEFT JOIN r ON r.profile = n.profile
+        WHERE n.revoked_at IS NULL AND n.cordoned = 0 AND n.reported_status = 'online'
+          AND n.last_seen IS NOT NULL AND ? - n.last_seen <= max(n.interval_s * ?, ?)
+          AND {mem} - {used_m} >= ? AND {mem} > 0
+          AND {cpu_limit} - {used_c} >= ? AND {cpu_limit} > 0
+          AND (n.cap_disk_gib = 0 OR n.cap_disk_gib - {used_d} >= ?)
+          {scope.replace("nodes.", "n.")}
+        ORDER BY score DESC, n.id LIMIT ?"""
+    d = demand
+    args: list[object] = [x for row in reserved for x in row]
+    args += [d.memory_mib, cpu_overcommit, d.vcpus, cpu_overcommit, d.disk_gib,  # score
+             now, heartbeat_factor, min_timeout_s,  # online
+             d.memory_mib, cpu_overcommit, d.vcpus, cpu_overcommit, d.disk_gib]  # room
+    # Nodes that run a VM of the demand's anti-affinity group: a few, found through an index
+    # and left out here (cheaper than a subquery per node).
+    taken: set[str] = set()
+    if group is not None:
+        taken = {node for (node,) in conn.execute(
+            "SELECT DISTINCT node_id FROM vms WHERE anti_affinity = ? AND deleted_at IS NULL"
+            " AND node_id IS NOT NULL", (group,))}
+    args += [*params, limit + len(taken)]
+    labels = {name: MappingProxyType(dict(p.labels)) for name, p in profiles.items()}
+    empty: Mapping[str, str] = MappingProxyType({})
+    return [
+        NodeView(node_id, "online", False, country, provider, site, profile,
+                 labels.get(profile, empty), c, m, disk, uc, um, ud, frozenset())
+        for (node_id, site, country, provider, profile, c, m, disk, uc, um, ud, _score)
+        in conn.execute(sql, args) if node_id not in taken
+    ][:limit]

@@ -22,7 +22,7 @@ from aggregator import orders
 from aggregator.audit import record as audit
 from aggregator.errors import Refused
 from aggregator.pki import OrderSigner
-from aggregator.placement import Demand, Policy, load_nodes, place
+from aggregator.placement import Demand, Policy, load_nodes, place, shortlist
 
 VM_NAME: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 ACTIONS: Final = {"start": "running", "stop": "stopped", "reboot": "running",
@@ -132,10 +132,10 @@ def create(conn: sqlite3.Connection, signer: OrderSigner, req: VmRequest, now: f
         raise Refused("name_taken", f"a VM named {req.name!r} exists", 409)
     digests = {key: _image(conn, getattr(req, key)) for key in ("image", "kernel", "initrd")}
     demand = req.demand()
-    nodes = load_nodes(conn, demand, now=now, profiles=profiles,
-                       heartbeat_factor=live.heartbeat_factor, min_timeout_s=live.min_timeout_s)
-    decision = place(demand, nodes)
-    if not decision.candidates:  # explain it with every node, not just those loaded
+    nodes = shortlist(conn, demand, now=now, profiles=profiles,
+                      heartbeat_factor=live.heartbeat_factor, min_timeout_s=live.min_timeout_s)
+    decision = place(demand, nodes)  # the rules decide among the best few SQL found
+    if not decision.candidates:  # explain it with every node
         raise Refused("no_placement", f"no node can take {req.name!r}", 409,
                       detail=dry_run(conn, req, now, profiles, live))
     node_id = decision.candidates[0][0]

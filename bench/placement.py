@@ -30,7 +30,15 @@ import sqlite_utils
 from agent.profiles import Profile, default_profiles_dir, load_profiles
 from agent.wire import Inventory, to_plain
 from aggregator import migrations
-from aggregator.placement import Decision, Demand, NodeView, Policy, load_nodes, place
+from aggregator.placement import (
+    Decision,
+    Demand,
+    NodeView,
+    Policy,
+    load_nodes,
+    place,
+    shortlist,
+)
 
 # (country, weight): roughly the shape of a European fleet.
 COUNTRIES = [("DE", 18), ("FR", 14), ("IT", 10), ("ES", 9), ("PL", 7), ("NL", 6), ("SE", 5),
@@ -145,7 +153,7 @@ class Timings:
     candidates: list[int]
 
 
-def measure(path: Path, profiles: dict[str, Profile], count: int, push_down: bool,
+def measure(path: Path, profiles: dict[str, Profile], count: int, mode: str,
             seed: int, warmup: int) -> dict[str, Timings]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -155,9 +163,13 @@ def measure(path: Path, profiles: dict[str, Profile], count: int, push_down: boo
     for i, (kind, demand) in enumerate(demands(warmup + count, seed)):
         conn.execute("BEGIN IMMEDIATE")  # as in the store's writer
         t0 = clock()
-        nodes = load_nodes(conn, demand, now=NOW, profiles=profiles,
-                           heartbeat_factor=HEARTBEAT_FACTOR, min_timeout_s=MIN_TIMEOUT_S,
-                           push_down=push_down)
+        if mode == "create":  # the API's create: the best few from SQL, then the rules
+            nodes = shortlist(conn, demand, now=NOW, profiles=profiles,
+                              heartbeat_factor=HEARTBEAT_FACTOR, min_timeout_s=MIN_TIMEOUT_S)
+        else:
+            nodes = load_nodes(conn, demand, now=NOW, profiles=profiles,
+                               heartbeat_factor=HEARTBEAT_FACTOR, min_timeout_s=MIN_TIMEOUT_S,
+                               push_down=mode == "pushed down")
         t1 = clock()
         decision = place(demand, nodes)
         t2 = clock()
@@ -229,15 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             _, live_vms = build(path, n, profiles, args.seed)
             log(f"built {path}: {n:,} nodes, {live_vms:,} live VMs"
                 f" in {time.perf_counter() - t0:.1f} s")
-            for push_down, label in ((True, "pushed down"), (False, "every node")):
-                by_kind = measure(path, profiles, args.decisions, push_down, args.seed,
+            for label in ("create", "pushed down", "every node"):
+                by_kind = measure(path, profiles, args.decisions, label, args.seed,
                                   args.warmup)
                 table.extend(rows(n, label, by_kind))
                 log(f"{n:,} nodes, {label}: p99 {ms(pct(by_kind['all'].total, 99))} ms")
-                if n == 10_000 and push_down:
+                if n == 10_000 and label == "create":
                     p99 = pct(by_kind["all"].total, 99)
-                    verdicts.append(f"target p99 < 20 ms at 10,000 nodes (API path, pushed"
-                                    f" down): {ms(p99)} ms -> "
+                    verdicts.append(f"target p99 < 20 ms at 10,000 nodes (the API's create:"
+                                    f" shortlist + place): {ms(p99)} ms -> "
                                     f"{'meets' if p99 < 0.020 else 'MISSES'}")
     finally:
         if args.keep:

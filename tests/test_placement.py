@@ -25,6 +25,7 @@ from aggregator.placement import (
     load_nodes,
     place,
     reasons,
+    shortlist,
 )
 
 MIB = 1024 * 1024
@@ -514,3 +515,55 @@ def test_a_decision_on_loaded_nodes_explains_every_node_fleet_wide(
         "si-edge": ("cordoned",),
         "si-silent": ("offline",),
     }
+
+
+@pytest.mark.parametrize("d", [
+    demand(),
+    demand(vcpus=2, memory_mib=2048, disk_gib=10, countries=("SI", "AT")),
+    demand(memory_mib=12288, anti_affinity="cams"),
+    demand(memory_mib=9216),
+    demand(memory_mib=9217),
+    demand(vcpus=12, disk_gib=226),
+    demand(vcpus=13),
+    demand(labels={"class": "tower"}),
+    demand(profile="rack-server", providers=("a1",)),
+    demand(sites=("lj-1",), anti_affinity="web"),
+    demand(countries=("DE",)),
+], ids=str)
+def test_the_create_shortlist_agrees_with_the_full_decision(
+        fleet_db: sqlite_utils.Database, profiles: dict[str, Profile], d: Demand) -> None:
+    """The SQL fast path picks exactly the candidates the rules pick, in the same order."""
+    full = place(d, _load(fleet_db, profiles, d, push_down=False).values())
+    short = shortlist(fleet_db.conn, d, now=NOW, profiles=profiles, heartbeat_factor=3.0,
+                      min_timeout_s=5.0, limit=100)
+    assert [n.id for n in short] == [node for node, _ in full.candidates]
+    assert place(d, short).candidates == full.candidates
+
+
+def test_usage_follows_every_change_to_vms(fleet_db: sqlite_utils.Database) -> None:
+    """node_usage (kept by triggers) equals the sum over vms after creates, moves, deletes."""
+    db = fleet_db
+
+    def by_sum() -> dict[str, tuple[int, int, int, int]]:
+        return {n: (c, m, dk, k) for n, c, m, dk, k in db.execute(
+            "SELECT node_id, sum(vcpus), sum(memory_mib), sum(disk_gib), count(*) FROM vms"
+            " WHERE deleted_at IS NULL AND node_id IS NOT NULL GROUP BY node_id")}
+
+    def by_usage() -> dict[str, tuple[int, int, int, int]]:
+        return {n: (c, m, dk, k) for n, c, m, dk, k in db.execute(
+            "SELECT node_id, vcpus, memory_mib, disk_gib, vms FROM node_usage WHERE vms > 0")}
+
+    assert by_usage() == by_sum()
+    db.execute("INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec,"
+               " desired_state, created_at, updated_at) VALUES ('n1', 'n1', 'at-rack', 3, 300,"
+               " 30, '{}', 'running', 0, 0)")
+    assert by_usage() == by_sum()
+    db.execute("UPDATE vms SET node_id = 'si-edge' WHERE id = 'n1'")  # moved
+    assert by_usage() == by_sum()
+    db.execute("UPDATE vms SET node_id = NULL WHERE id = 'n1'")  # its create failed
+    assert by_usage() == by_sum()
+    db.execute("UPDATE vms SET node_id = 'at-rack', memory_mib = 512 WHERE id = 'n1'")
+    db.execute("UPDATE vms SET deleted_at = 1 WHERE node_id = 'si-tower'")  # deleted
+    assert by_usage() == by_sum()
+    db.execute("DELETE FROM vms WHERE id = 'n1'")
+    assert by_usage() == by_sum()
