@@ -190,14 +190,12 @@ class OrderRunner:
         if hv is None:
             return
         for want in await self._journal.desired():
-            if want.state != "running":
-                continue
             try:
                 state = await hv.state(want.vm_uuid)
-                if state is None:
+                if state is None and want.spec:  # the host lost it (e.g. a fresh host)
                     await self._define(hv, VmSpecFrom(want.spec))
                     state = await hv.state(want.vm_uuid)
-                if state != "running":
+                if want.state == "running" and state not in (None, "running"):
                     log.info("starting %s: it should run", want.vm_uuid)
                     await hv.start(want.vm_uuid)
             except (HypervisorError, DomainSpecError, images.ImageError) as exc:

@@ -324,3 +324,53 @@ def test_cli_and_a_tampered_residency_record(rig: Rig, capsys: pytest.CaptureFix
     assert f"BROKEN {vm_id}" in capsys.readouterr().out.replace("\n", " ")
     with sqlite3.connect(rig.fleet.layout.database) as db:  # put it back for the others
         db.execute("UPDATE residency SET country = 'SI' WHERE vm_id = ?", (vm_id,))
+
+
+def test_after_a_restart_offline_only_the_vms_that_should_run_run(rig: Rig) -> None:
+    """A test-driver host starts empty, like a host after a power cut: with its uplink down
+    the agent brings back its VMs from the last signed desired state, and starts only those
+    that should run."""
+    node = "at-tower-01"
+    runs = rig.api.post("/api/v1/vms", _spec("should-run", placement={"countries": ["AT"]}))
+    rests = rig.api.post("/api/v1/vms", _spec("should-rest", placement={"countries": ["AT"]}))
+    rig.wait_order(runs["order"])
+    rig.wait_order(rests["order"])
+    rig.wait_order(rig.api.post(f"/api/v1/vms/{rests['id']}/stop", {})["order"])
+    pid = int((rig.fleet.layout.broker / "broker.pid").read_text())
+    rig.agents[node].stop()
+    os.kill(pid, signal.SIGSTOP)  # the uplink is down while the agent starts
+    try:
+        rig.agents[node] = rig.fleet.agent(node).start()
+        wait_for(lambda: "starting " + runs["id"] in rig.agents[node].output(), timeout_s=20,
+                 what="the agent restoring the VM that should run")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    def states() -> dict[str, str]:
+        return {v["name"]: v["state"] for v in rig.fleet.node(node)["vms"]}
+
+    wait_for(lambda: states().get("should-run") == "running"
+             and states().get("should-rest") == "shut off", timeout_s=30,
+             what="should-run running and should-rest defined but off")
+
+
+def test_the_node_enforces_residency_even_when_the_aggregator_asks(rig: Rig) -> None:
+    """A properly signed order to create a VM whose policy forbids this node's country."""
+    node = "si-tower-01"
+    with sqlite3.connect(rig.fleet.layout.database) as db:
+        (last,) = db.execute("SELECT orders_last_seq FROM nodes WHERE id = ?",
+                             (node,)).fetchone()
+        db.execute("UPDATE nodes SET orders_last_seq = ? WHERE id = ?", (last + 1, node))
+    from agent.wire import VmSpec
+
+    spec = VmSpec(uuid="7d4a1c52-0b2e-4f1a-9c3d-5e6f7a8b9c0d", name="at-only", vcpus=1,
+                  memory_mib=64, countries=("AT",))
+    order = _signed(Order(node=node, seq=last + 1, order_id="ord-at-only",
+                          issued_at=time.time(), expires_at=time.time() + 300,
+                          action="create", vm=spec),
+                    OrderSigner(rig.fleet.layout.order_key))
+    asyncio.run(_publish_as_control(rig.fleet, node, encode(order)))
+    wait_for(lambda: any("ord-at-only: failed (refused: this node is in SI; the VM may live"
+                         " only in AT)" in e for e in _events(rig, node)),
+             what="the node refusing the VM")
+    assert "at-only" not in {v["name"] for v in rig.fleet.node(node)["vms"]}
