@@ -115,6 +115,54 @@ class HostResources:
     hypervisor: str
 
 
+MIGRATION_POLL_S: Final = 0.25  # how often migrate() reads the job's progress and the clock
+MIGRATION_ABORT_WAIT_S: Final = 30.0  # how long an aborted migration may take to wind down
+
+
+class MigrationTimeoutError(HypervisorError):
+    """A migration ran past its ``timeout_s`` and was aborted; the guest still runs at the
+    source. ``code`` is libvirt's for the failed call (usually VIR_ERR_OPERATION_ABORTED)."""
+
+    def __init__(self, message: str, code: int, timeout_s: float) -> None:
+        super().__init__(message, code)
+        self.timeout_s = timeout_s
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationProgress:
+    """A running migration's figures, copied from libvirt's job stats; None where libvirt
+    gave none (early in the job, or a figure that does not apply)."""
+
+    elapsed_ms: int | None
+    data_total_bytes: int | None
+    data_processed_bytes: int | None
+    data_remaining_bytes: int | None
+    memory_total_bytes: int | None
+    memory_processed_bytes: int | None
+    memory_remaining_bytes: int | None
+    memory_iteration: int | None  # passes over the guest's memory so far
+    memory_dirty_rate_pages_s: int | None
+    disk_total_bytes: int | None
+    disk_processed_bytes: int | None
+    disk_remaining_bytes: int | None
+    expected_downtime_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """A finished migration. ``duration_ms`` is the wall time of the migration call here;
+    the rest comes from the completed job's stats on the destination (None when they could
+    not be read there)."""
+
+    duration_ms: int
+    downtime_ms: int | None  # guest paused at the source until it resumed at the destination
+    transferred_bytes: int | None  # memory, disks and device state
+    memory_bytes: int | None
+    disk_bytes: int | None
+    memory_iterations: int | None
+    job_elapsed_ms: int | None  # libvirt's own duration of the job
+
+
 class Hypervisor:
     """One libvirt connection. Use :meth:`open` inside the running loop."""
 
@@ -376,6 +424,136 @@ class Hypervisor:
 
         return await asyncio.to_thread(op)
 
+    # --- live migration ----------------------------------------------------------------------
+
+    async def migratable_xml(self, vm_uuid: str) -> str:
+        """The guest's XML as a destination can take it (``VIR_DOMAIN_XML_MIGRATABLE``, with
+        secrets): start a destination XML for :meth:`migrate` from it and change the paths."""
+        return await asyncio.to_thread(
+            self._on_domain, vm_uuid, lambda dom: str(dom.XMLDesc(
+                libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)))
+
+    async def job_stats(self, vm_uuid: str) -> MigrationProgress | None:
+        """The figures of the guest's running job (a migration: bytes done and left, memory
+        iteration), or None when no job runs."""
+
+        def op() -> MigrationProgress | None:
+            try:
+                stats = self._conn.lookupByUUIDString(vm_uuid).jobStats(0)
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+            return migration_progress(stats)
+
+        return await asyncio.to_thread(op)
+
+    async def migrate(
+        self,
+        vm_uuid: str,
+        dest_uri: str,
+        *,
+        live: bool = True,
+        copy_storage: bool = False,
+        dest_xml: str | None = None,
+        data_uri: str | None = None,
+        max_downtime_ms: int | None = None,
+        bandwidth_mib_s: int | None = None,
+        auto_converge: bool = False,
+        timeout_s: float | None = None,
+        progress: Callable[[MigrationProgress], None] | None = None,
+        dest_stats_uri: str | None = None,
+    ) -> MigrationResult:
+        """Move a running guest to the libvirtd at ``dest_uri``, peer to peer (this host's
+        libvirtd connects there itself), defining it there and removing it here.
+
+        ``live``: the guest runs while its memory is copied (else it is paused for the copy).
+        ``copy_storage``: copy its disks too (non-shared storage; libvirt creates each target
+        in the destination's storage pool that holds its path). ``dest_xml``: the guest's
+        XML for the destination, with the destination's own paths (start from
+        :meth:`migratable_xml`); it is the persistent definition there too. ``data_uri``:
+        where QEMU sends the data (``tcp://host``), if not where the destination says.
+        ``max_downtime_ms``, ``bandwidth_mib_s``, ``auto_converge``: QEMU's limits for the
+        copy. Never post-copy. ``progress`` is called on the loop with the job's figures
+        every :data:`MIGRATION_POLL_S` while it runs.
+
+        Past ``timeout_s`` the job is aborted and :class:`MigrationTimeoutError` raised: the
+        guest keeps running here (unless the job was already finishing; then it completes
+        and the result is returned). Cancelling the call aborts the job the same way.
+
+        The result's downtime and transfer figures are the completed job's as the
+        destination has them, read at ``dest_stats_uri`` (default ``dest_uri``: give the
+        destination's address as this process reaches it, if that differs).
+        """
+        flags = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        if live:
+            flags |= libvirt.VIR_MIGRATE_LIVE
+        if copy_storage:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        if auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        params: dict[str, Any] = {}
+        if dest_xml is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
+            params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = dest_xml
+        if data_uri is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = data_uri
+        if bandwidth_mib_s is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib_s)
+
+        def op() -> None:
+            try:
+                dom = self._conn.lookupByUUIDString(vm_uuid)
+                if max_downtime_ms is not None:
+                    dom.migrateSetMaxDowntime(int(max_downtime_ms), 0)
+                dom.migrateToURI3(dest_uri, params, flags)
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+
+        started = time.monotonic()
+        call = asyncio.ensure_future(asyncio.to_thread(op))
+        aborted = False
+        try:
+            while not call.done():
+                await asyncio.wait({call}, timeout=MIGRATION_POLL_S)
+                if call.done():
+                    break
+                if (not aborted and timeout_s is not None
+                        and time.monotonic() - started > timeout_s):
+                    aborted = True
+                    await self._abort_job(vm_uuid)
+                elif progress is not None and not aborted:
+                    with contextlib.suppress(HypervisorError):  # the job may just have ended
+                        figures = await self.job_stats(vm_uuid)
+                        if figures is not None:
+                            progress(figures)
+        except BaseException:  # cancelled (or progress raised): the guest stays here
+            if not call.done():
+                await asyncio.shield(self._abort_job(vm_uuid))
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(call), MIGRATION_ABORT_WAIT_S)
+            raise
+        duration_ms = round((time.monotonic() - started) * 1000)
+        try:
+            call.result()
+        except HypervisorError as exc:
+            if aborted and timeout_s is not None:
+                raise MigrationTimeoutError(
+                    f"migration aborted after {timeout_s:g} s: {exc}", exc.code, timeout_s
+                ) from None
+            raise
+        stats = await asyncio.to_thread(
+            _completed_job_stats, dest_stats_uri or dest_uri, vm_uuid)
+        return migration_result(duration_ms, stats)
+
+    async def _abort_job(self, vm_uuid: str) -> None:
+        """Abort the guest's running job; one that already ended is fine."""
+        try:
+            print("ABORT", time.monotonic(), flush=True)
+            r = await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.abortJob())
+            print("ABORT ->", r, time.monotonic(), flush=True)
+        except HypervisorError as exc:
+            print("ABORT FAILED", exc, exc.code, flush=True)
+
     def _on_domain(self, vm_uuid: str, call: Callable[[Any], T]) -> T:
         """Run ``call(domain)`` (in the worker thread), libvirt's errors as ours."""
         try:
@@ -509,4 +687,55 @@ def guest_sample(uuid: str, name: str, stats: dict[str, Any]) -> GuestSample:
         balloon_rss_bytes=kib("balloon.rss"),
         block=block,
         nics=nics,
+    )
+
+
+def _completed_job_stats(uri: str, vm_uuid: str) -> dict[str, Any]:
+    """The completed job's stats of a guest at ``uri`` (empty if they cannot be read)."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return {}
+    try:
+        stats = conn.lookupByUUIDString(vm_uuid).jobStats(
+            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        return dict(stats) if isinstance(stats, dict) else {}
+    except libvirt.libvirtError:
+        return {}
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def migration_progress(stats: dict[str, Any]) -> MigrationProgress | None:
+    """A running job's ``jobStats`` as figures; None when no job runs."""
+    if _int(stats, "type") in (None, libvirt.VIR_DOMAIN_JOB_NONE):
+        return None
+    return MigrationProgress(
+        elapsed_ms=_int(stats, "time_elapsed"),
+        data_total_bytes=_int(stats, "data_total"),
+        data_processed_bytes=_int(stats, "data_processed"),
+        data_remaining_bytes=_int(stats, "data_remaining"),
+        memory_total_bytes=_int(stats, "memory_total"),
+        memory_processed_bytes=_int(stats, "memory_processed"),
+        memory_remaining_bytes=_int(stats, "memory_remaining"),
+        memory_iteration=_int(stats, "memory_iteration"),
+        memory_dirty_rate_pages_s=_int(stats, "memory_dirty_rate"),
+        disk_total_bytes=_int(stats, "disk_total"),
+        disk_processed_bytes=_int(stats, "disk_processed"),
+        disk_remaining_bytes=_int(stats, "disk_remaining"),
+        expected_downtime_ms=_int(stats, "downtime"),
+    )
+
+
+def migration_result(duration_ms: int, stats: dict[str, Any]) -> MigrationResult:
+    """A migration's result from its wall time and the completed job's stats (may be empty)."""
+    return MigrationResult(
+        duration_ms=duration_ms,
+        downtime_ms=_int(stats, "downtime"),
+        transferred_bytes=_int(stats, "data_processed"),
+        memory_bytes=_int(stats, "memory_processed"),
+        disk_bytes=_int(stats, "disk_processed"),
+        memory_iterations=_int(stats, "memory_iteration"),
+        job_elapsed_ms=_int(stats, "time_elapsed"),
     )

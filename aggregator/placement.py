@@ -485,16 +485,32 @@ def load_nodes(
     return out
 
 
+def sync_reservations(conn: sqlite3.Connection, profiles: Mapping[str, Profile]) -> None:
+    """Write the profiles' host reservations where the headroom triggers read them (at the
+    aggregator's start: profiles are files and may have changed)."""
+    for name, p in profiles.items():
+        conn.execute(
+            "INSERT INTO profile_reservations (profile, cpus, memory_mib) VALUES (?, ?, ?)"
+            " ON CONFLICT (profile) DO UPDATE SET cpus = excluded.cpus, memory_mib ="
+            " excluded.memory_mib WHERE cpus != excluded.cpus OR memory_mib !="
+            " excluded.memory_mib", (name, p.reserved.cpus, p.reserved.memory_mib))
+
+
 def shortlist(
     conn: sqlite3.Connection, demand: Demand, *, now: float, profiles: Mapping[str, Profile],
     heartbeat_factor: float, min_timeout_s: float, cpu_overcommit: float = 4.0,
-    limit: int = 8,
+    limit: int = 32,
 ) -> list[NodeView]:
-    """The best ``limit`` nodes for ``demand``, chosen in SQL from the capacity columns and
-    ``node_usage`` that triggers keep (migration 004): the fast path of a create, which needs
-    the best node, not an account of every other. The same rules as :func:`place`, which
-    remains the authority: a create places among these with it. Nodes that fail are not
-    returned; :func:`load_nodes` with ``push_down=False`` explains them."""
+    """Up to ``limit`` nodes that can take ``demand``, the emptiest first: the fast path of a
+    create, which needs a good node, not an account of every other. SQL walks the online
+    nodes by the headroom the triggers keep (migration 005) and stops after ``limit`` that
+    pass the same rules as :func:`place`; the create then ranks them with :func:`place` (the
+    authority) by the room each keeps after taking the VM. Headroom before the VM and room
+    after it rank nodes alike except between nodes of very different sizes, so the node
+    chosen is the best of the emptiest ``limit``. Nodes that fail are not returned:
+    :func:`load_nodes` with ``push_down=False`` explains them. Fleet-wide, SQL is told to
+    walk the headroom index (the planner would rather sort every node); a located policy
+    leaves the choice to the planner (its location index is the smaller walk)."""
     where, params = _scope(demand.policy, profiles)
     scope = where.replace(" WHERE ", " AND ", 1)
     reserved = [(name, p.reserved.cpus, p.reserved.memory_mib) for name, p in profiles.items()]
@@ -509,13 +525,9 @@ def shortlist(
     sql = f"""
         WITH r(profile, cpus, memory_mib) AS (VALUES {values})
         SELECT n.id, n.site, n.country, n.provider, n.profile, {cpus}, {mem}, n.cap_disk_gib,
-               {used_c}, {used_m}, {used_d},
-               min(({mem} - {used_m} - ?) * 1.0 / {mem},
-                   ({cpu_limit} - {used_c} - ?) * 1.0 / {cpu_limit},
-                   CASE WHEN n.cap_disk_gib > 0
-                        THEN (n.cap_disk_gib - {used_d} - ?) * 1.0 / n.cap_disk_gib
-                        ELSE 1.0 END) AS score
-        FROM nodes n LEFT JOIN node_usage u ON u.node_id = n.id
+               {used_c}, {used_m}, {used_d}
+        FROM nodes n {"" if scope else "INDEXED BY nodes_headroom"}
+             LEFT JOIN node_usage u ON u.node_id = n.id
              LEFT JOIN r ON r.profile = n.profile
         WHERE n.revoked_at IS NULL AND n.cordoned = 0 AND n.reported_status = 'online'
           AND n.last_seen IS NOT NULL AND ? - n.last_seen <= max(n.interval_s * ?, ?)
@@ -523,11 +535,10 @@ def shortlist(
           AND {cpu_limit} - {used_c} >= ? AND {cpu_limit} > 0
           AND (n.cap_disk_gib = 0 OR n.cap_disk_gib - {used_d} >= ?)
           {scope.replace("nodes.", "n.")}
-        ORDER BY score DESC, n.id LIMIT ?"""
+        ORDER BY n.headroom DESC, n.id LIMIT ?"""
     d = demand
     args: list[object] = [x for row in reserved for x in row]
-    args += [d.memory_mib, cpu_overcommit, d.vcpus, cpu_overcommit, d.disk_gib,  # score
-             now, heartbeat_factor, min_timeout_s,  # online
+    args += [now, heartbeat_factor, min_timeout_s,  # online
              d.memory_mib, cpu_overcommit, d.vcpus, cpu_overcommit, d.disk_gib]  # room
     # Nodes that run a VM of the demand's anti-affinity group: a few, found through an index
     # and left out here (cheaper than a subquery per node).
@@ -542,6 +553,6 @@ def shortlist(
     return [
         NodeView(node_id, "online", False, country, provider, site, profile,
                  labels.get(profile, empty), c, m, disk, uc, um, ud, frozenset())
-        for (node_id, site, country, provider, profile, c, m, disk, uc, um, ud, _score)
+        for (node_id, site, country, provider, profile, c, m, disk, uc, um, ud)
         in conn.execute(sql, args) if node_id not in taken
     ][:limit]

@@ -23,7 +23,7 @@ from agent import configfile, sdnotify
 from agent.profiles import Profile, default_profiles_dir, load_profiles
 from agent.tls import client_verifying_context, server_context
 from agent.wire import Certificate, RenewRequest, encode
-from aggregator import audit, broker, config, images, orders, trust
+from aggregator import audit, broker, config, images, orders, placement, trust
 from aggregator.api import Services, make_app
 from aggregator.auth import create_api_token
 from aggregator.config import AggregatorConfig, Layout
@@ -177,6 +177,7 @@ class Aggregator:
             self.order_public_key = self.layout.order_public_key.read_text()
             self.signer = OrderSigner(self.layout.order_key)
             await self.refresh_crl()  # before the broker reads it: it may have expired meanwhile
+            await self.store.write(lambda db: placement.sync_reservations(db.conn, self.profiles))
             async with asyncio.TaskGroup() as tg:
                 if cfg.broker.managed:
                     conf = broker.write_config(self.layout, cfg.broker)

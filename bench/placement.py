@@ -38,6 +38,7 @@ from aggregator.placement import (
     load_nodes,
     place,
     shortlist,
+    sync_reservations,
 )
 
 # (country, weight): roughly the shape of a European fleet.
@@ -75,6 +76,7 @@ def build(path: Path, n: int, profiles: dict[str, Profile], seed: int) -> tuple[
     db = sqlite_utils.Database(path)
     db.execute("PRAGMA journal_mode=WAL")
     migrations.apply(db)
+    sync_reservations(db.conn, profiles)  # as the aggregator does at start
     countries = [c for c, _ in COUNTRIES]
     weights = [w for _, w in COUNTRIES]
     names = list(PROFILE_WEIGHTS)
