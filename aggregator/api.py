@@ -299,6 +299,25 @@ async def revoke_node(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+def _cordon(cordoned: bool) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        svc = _svc(request)
+        node_id = _node_id(request)
+        reason = ""
+        if request.can_read_body:
+            body = await _json_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
+                raise ApiError(400, "invalid_request", 'body must be {"reason": string}')
+            reason = body.get("reason", "")[:500]
+        now, actor = time.time(), _actor(request)
+        done = await svc.store.write(
+            lambda db: trust.set_cordon(db, node_id, cordoned, now, actor, reason))
+        return web.json_response(done)
+
+    handler.__name__ = "cordon_node" if cordoned else "uncordon_node"
+    return handler
+
+
 async def audit_events(request: web.Request) -> web.Response:
     since = _query_time(request, "since")
     action = request.query.get("action", "")
@@ -556,6 +575,12 @@ ROUTES: tuple[Route, ...] = (
           "Revoke a node: its certificates go into the CRL and its broker session is dropped",
           body={"type": "object", "properties": {"reason": {"type": "string"}}},
           responses=_NODE_404),
+    Route("POST", "/api/v1/nodes/{id}/cordon", _cordon(True), ("admin", "operator"),
+          "Cordon a node: nothing new is placed there; what runs stays",
+          body={"type": "object", "properties": {"reason": {"type": "string"}}},
+          responses=_NODE_404),
+    Route("POST", "/api/v1/nodes/{id}/uncordon", _cordon(False), ("admin", "operator"),
+          "Uncordon a node: placement may use it again", responses=_NODE_404),
     Route("GET", "/api/v1/audit", audit_events, ("admin", "operator"),
           "The audit trail: enrollments, renewals, revocations, token use, newest first",
           query=(("since", "from this time (unix seconds or ISO 8601)"),

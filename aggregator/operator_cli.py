@@ -58,6 +58,13 @@ def _cmd_node(args: argparse.Namespace, console: Console) -> int:
         if not args.target:
             raise ApiClientError("usage: virt8ra node revoke NODE [--reason TEXT]")
         return _revoke(args, console)
+    if args.id in ("cordon", "uncordon"):
+        if not args.target:
+            raise ApiClientError(f"usage: virt8ra node {args.id} NODE [--reason TEXT]")
+        done = _client(args).post(f"/api/v1/nodes/{args.target}/{args.id}",
+                                  {"reason": args.reason})
+        console.print(f"{done['node']}: " + ("cordoned" if done["cordoned"] else "uncordoned"))
+        return 0
     node = _client(args).get(f"/api/v1/nodes/{args.id}")
     if args.json:
         print(json.dumps(node, indent=2))
@@ -324,8 +331,8 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("node", help="one node with its VMs and gaps; `node revoke NODE` cuts"
                                      " a node off the fleet")
-    sp.add_argument("id", help="a node id, or `revoke`")
-    sp.add_argument("target", nargs="?", default="", help="with revoke: the node to revoke")
+    sp.add_argument("id", help="a node id, or `revoke`, `cordon`, `uncordon`")
+    sp.add_argument("target", nargs="?", default="", help="with an action: the node")
     sp.add_argument("--reason", default="", help="with revoke: why, for the audit trail")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_node)

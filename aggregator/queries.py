@@ -22,7 +22,7 @@ HOST_METRICS: Final = tuple(
 _NODE_COLUMNS = (
     "id, site, country, provider, profile, enrolled_at, reported_status, status_changed_at,"
     " last_seen, interval_s, inventory, malformed_messages, telemetry_last_seq, events_last_seq,"
-    " revoked_at, revoked_reason"
+    " revoked_at, revoked_reason, cordoned"
 )
 
 
@@ -98,6 +98,7 @@ def _node(row: sqlite3.Row, now: float, factor: float, min_timeout: float,
         "enrolled_at": _iso(row["enrolled_at"]),
         "reported_status": row["reported_status"],
         "interval_s": row["interval_s"],
+        "cordoned": bool(row["cordoned"]),
         "revoked_at": _iso(row["revoked_at"]),
         "revoked_reason": row["revoked_reason"] if revoked else None,
     }

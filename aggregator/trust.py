@@ -143,3 +143,16 @@ def revoke_api_token(db: sqlite_utils.Database, token_id: int, now: float,
         audit(db, now, actor, "api_token.revoke", f"api-token:{token_id}", role=role, name=name)
     return {"id": token_id, "name": name, "role": role,
             "revoked_at": revoked_at if revoked_at is not None else now, "state": "revoked"}
+
+
+def set_cordon(db: sqlite_utils.Database, node_id: str, cordoned: bool, now: float, actor: str,
+               reason: str) -> dict[str, Any]:
+    """Cordon (no new VMs are placed on the node; its VMs stay) or uncordon a node."""
+    row = db.execute("SELECT cordoned FROM nodes WHERE id = ?", [node_id]).fetchone()
+    if row is None:
+        raise EnrollmentError("not_found", f"no node {node_id!r}", 404)
+    if bool(row[0]) != cordoned:
+        db.execute("UPDATE nodes SET cordoned = ? WHERE id = ?", [int(cordoned), node_id])
+        audit(db, now, actor, "node.cordon" if cordoned else "node.uncordon", node_id,
+              reason=reason)
+    return {"node": node_id, "cordoned": cordoned}

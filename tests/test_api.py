@@ -40,6 +40,9 @@ EXAMPLES: dict[tuple[str, str], Any] = {  # (path, body), or a function of the A
     ("POST", "/api/v1/nodes/{id}/revoke"):
         ("/api/v1/nodes/at-stolen-01/revoke", {"reason": "stolen from the tower"}),
     ("GET", "/api/v1/audit"): ("/api/v1/audit?action=node&limit=5", None),
+    ("POST", "/api/v1/nodes/{id}/cordon"): ("/api/v1/nodes/at-stolen-01/cordon",
+                                            {"reason": "maintenance"}),
+    ("POST", "/api/v1/nodes/{id}/uncordon"): ("/api/v1/nodes/at-stolen-01/uncordon", None),
     ("GET", "/api/v1/images"): ("/api/v1/images", None),
     ("POST", "/api/v1/images"): lambda api: (
         "/api/v1/images", {"name": "tiny", "path": str(_tiny_image()), "format": "raw"}),

@@ -374,3 +374,26 @@ def test_the_node_enforces_residency_even_when_the_aggregator_asks(rig: Rig) -> 
                          " only in AT)" in e for e in _events(rig, node)),
              what="the node refusing the VM")
     assert "at-only" not in {v["name"] for v in rig.fleet.node(node)["vms"]}
+
+
+def test_a_cordoned_node_takes_nothing_new_and_keeps_what_runs(rig: Rig) -> None:
+    node = "si-tower-01"
+    running_before = {v["name"] for v in rig.api.get("/api/v1/vms", node=node)["vms"]}
+    assert rig.api.post(f"/api/v1/nodes/{node}/cordon", {"reason": "firmware"})["cordoned"]
+    try:
+        assert rig.fleet.node(node)["cordoned"] is True
+        dry = rig.api.post("/api/v1/placement/dry-run", _spec("x", placement={"countries":
+                                                                            ["SI"]}))
+        assert dry["candidates"] == []
+        assert "cordoned" in dict((r["node"], r["reasons"]) for r in dry["rejected"])[node]
+        with pytest.raises(ApiClientError) as err:
+            rig.api.post("/api/v1/vms", _spec("blocked", placement={"countries": ["SI"]}))
+        assert err.value.status == 409
+        assert {v["name"] for v in rig.api.get("/api/v1/vms", node=node)["vms"]} == \
+            running_before
+    finally:
+        rig.api.post(f"/api/v1/nodes/{node}/uncordon", {})
+    made = rig.api.post("/api/v1/vms", _spec("unblocked", placement={"countries": ["SI"]}))
+    assert made["node"] == node
+    assert [e["action"] for e in rig.api.get("/api/v1/audit", subject=node)["events"]
+            if e["action"].startswith("node.")][:2] == ["node.uncordon", "node.cordon"]
