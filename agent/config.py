@@ -87,12 +87,18 @@ class OrdersConfig:
     images_url: str = ""
     # A stop order asks the guest to shut down, and pulls the plug after this long.
     shutdown_timeout_s: float = 30.0
+    # Cut off from the broker longer than this, the node pauses the guests it runs: the
+    # aggregator may restart them elsewhere after the lease and a grace period, and a VM
+    # must never run in two places. They resume only when the aggregator says so. 0: never.
+    lease_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.images_url and not self.images_url.startswith("https://"):
             raise ValueError("images_url: must be an https:// URL")
         if self.shutdown_timeout_s <= 0:
             raise ValueError("shutdown_timeout_s: must be positive")
+        if self.lease_s < 0:
+            raise ValueError("lease_s: must be 0 (never) or positive")
 
 
 @dataclass(frozen=True)

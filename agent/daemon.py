@@ -113,12 +113,32 @@ class Agent:
                 tg.create_task(self.uplink.run(self.stop), name="uplink")
                 tg.create_task(self._keep_identity(), name="identity")
                 tg.create_task(self.orders.run(self.stop), name="orders")
+                tg.create_task(self._lease(), name="lease")
         finally:
             sdnotify.notify("STOPPING=1")
             if self.hypervisor is not None:
                 self.hypervisor.close()
             await self.journal.close()
             await self.spool.close()
+
+    async def _lease(self) -> None:
+        """Self-fencing: cut off from the broker past ``orders.lease_s``, pause the guests
+        (once per outage); they resume when the aggregator orders them started."""
+        lease = self.config.orders.lease_s
+        if not lease:
+            return
+        fenced = False
+        while not self.stop.is_set():
+            down = self.uplink.down_since
+            if down is None:
+                fenced = False
+            elif not fenced and time.monotonic() - down > lease:
+                fenced = True
+                paused = await self.orders.fence()
+                log.warning("cut off for more than %.0f s: paused %d guest(s) until the"
+                            " aggregator says otherwise", lease, paused)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=min(1.0, lease / 4))
 
     async def _keep_identity(self) -> None:
         try:

@@ -219,7 +219,10 @@ class OrderRunner:
             elif not uuid:
                 raise Refused("no vm_uuid")
             elif order.action == "start":
-                if await hv.state(uuid) != "running":
+                state = await hv.state(uuid)
+                if state == "paused":  # e.g. paused by the node's own fencing
+                    await hv.change_state(uuid, "resume")
+                elif state != "running":
                     await hv.start(uuid)
                 desired = Desired(uuid, {}, "running")
                 result = {"state": await hv.state(uuid) or "gone"}
@@ -308,6 +311,22 @@ class OrderRunner:
             serial_log=home / "serial.log" if kvm else None,
         )
         await hv.define(xml)
+
+    async def fence(self) -> int:
+        """The node is cut off past its lease: pause every guest it runs by order (the
+        aggregator may start them elsewhere). Returns how many were paused."""
+        hv = self._hv()
+        if hv is None:
+            return 0
+        paused = 0
+        for want in await self._journal.desired():
+            try:
+                if want.state == "running" and await hv.state(want.vm_uuid) == "running":
+                    await hv.change_state(want.vm_uuid, "suspend")
+                    paused += 1
+            except HypervisorError as exc:
+                log.error("cannot pause %s: %s", want.vm_uuid, exc)
+        return paused
 
     async def _send(self, order_id: str, state: str, result: dict[str, Any],
                     error: str) -> None:

@@ -64,6 +64,8 @@ class Uplink:
         self._inventory = inventory
         self._on_message = on_message
         self._wake = asyncio.Event()
+        # When the session to the broker was last lost (monotonic); None while connected.
+        self.down_since: float | None = time.monotonic()
 
     def wake(self) -> None:
         """Tell the uplink that the spool has something new, or that it should stop."""
@@ -99,6 +101,7 @@ class Uplink:
                 async with client:
                     attempt = 0
                     no_delay(client._client.socket())
+                    self.down_since = None
                     log.info("connected to %s:%d", self._s.host, self._s.port)
                     await client.subscribe(topic(self._s.node, "orders"), qos=1)
                     await client.publish(status_topic, self._status("online"), qos=1, retain=True)
@@ -114,6 +117,8 @@ class Uplink:
                     return
             except (aiomqtt.MqttError, OSError) as exc:  # ssl.SSLError is an OSError
                 log.warning("uplink down: %s", exc)
+            if self.down_since is None:
+                self.down_since = time.monotonic()
             delay = backoff_delay(
                 attempt, self._s.backoff_initial_s, self._s.backoff_max_s, random.random()
             )

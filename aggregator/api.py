@@ -419,9 +419,9 @@ async def add_image(request: web.Request) -> web.Response:
 
 
 async def list_vms(request: web.Request) -> web.Response:
-    node = request.query.get("node", "")
+    svc, node, now = _svc(request), request.query.get("node", ""), time.time()
     return web.json_response(
-        {"vms": await _svc(request).store.read(lambda c: vms.list_vms(c, node))})
+        {"vms": await svc.store.read(lambda c: vms.list_vms(c, node, now, _live(svc)))})
 
 
 async def create_vm(request: web.Request) -> web.Response:
@@ -443,8 +443,8 @@ async def placement_dry_run(request: web.Request) -> web.Response:
 
 
 async def get_vm(request: web.Request) -> web.Response:
-    ref = request.match_info["id"]
-    vm = await _svc(request).store.read(lambda c: vms.get(c, ref))
+    svc, ref, now = _svc(request), request.match_info["id"], time.time()
+    vm = await svc.store.read(lambda c: vms.get(c, ref, now, _live(svc)))
     if vm is None:
         raise ApiError(404, "not_found", f"no VM {ref!r}")
     return web.json_response(vm)

@@ -23,7 +23,7 @@ from agent import configfile, sdnotify
 from agent.profiles import Profile, default_profiles_dir, load_profiles
 from agent.tls import client_verifying_context, server_context
 from agent.wire import Certificate, RenewRequest, encode
-from aggregator import audit, broker, config, images, orders, placement, trust
+from aggregator import audit, broker, config, images, orders, placement, trust, vms
 from aggregator.api import Services, make_app
 from aggregator.auth import create_api_token
 from aggregator.config import AggregatorConfig, Layout
@@ -374,6 +374,14 @@ class Aggregator:
         expired = await self.store.write(lambda db: orders.expire(db.conn, now))
         if expired:
             log.warning("%d order(s) expired unfinished", expired)
+        signer, live, ttl = self.signer, vms.Liveness(
+            self.config.liveness.heartbeat_factor, self.config.liveness.min_timeout_s
+        ), self.config.orders.ttl_s
+        if signer is not None:
+            restarted = await self.store.write(
+                lambda db: vms.reconcile(db.conn, signer, now, live, ttl))
+            if restarted:
+                log.info("resuming %d VM(s) their node paused on its own", len(restarted))
         due = await self.store.read(lambda c: orders.due(c, now))
         sent: list[str] = []
         for item in due:

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from agent.profiles import Profile
 from agent.wire import VmSpec
-from aggregator import orders
+from aggregator import fleet, orders
 from aggregator.audit import record as audit
 from aggregator.errors import Refused
 from aggregator.pki import OrderSigner
@@ -191,37 +191,73 @@ def act(conn: sqlite3.Connection, signer: OrderSigner, vm_id: str, action: str, 
     return {"id": vm_id, "node": node_id, "order": order_id}
 
 
-_VM_COLUMNS = ("id, name, node_id, vcpus, memory_mib, disk_gib, spec, desired_state,"
-               " actual_state, state_reason, created_at, updated_at")
+_VM_COLUMNS = ("v.id, v.name, v.node_id, v.vcpus, v.memory_mib, v.disk_gib, v.spec,"
+               " v.desired_state, v.actual_state, v.state_reason, v.created_at, v.updated_at,"
+               " n.reported_status, n.last_seen, n.interval_s, n.revoked_at")
+_VM_FROM = "vms v LEFT JOIN nodes n ON n.id = v.node_id"
 
 
-def _vm(row: tuple[Any, ...]) -> dict[str, Any]:
+def _vm(row: tuple[Any, ...], now: float, live: Liveness) -> dict[str, Any]:
     (vm_id, name, node, vcpus, memory, disk, spec, desired, actual, reason, created,
-     updated) = row
+     updated, reported, last_seen, interval_s, revoked_at) = row
+    if node is not None and actual != "deleted":
+        # What the node last said is only as good as the node: one that stopped reporting
+        # (or was revoked) cannot vouch for its VMs.
+        if revoked_at is not None:
+            actual, reason = "unknown", f"on a revoked node (last known: {actual})"
+        elif fleet.node_status(reported, last_seen, interval_s, now, live.heartbeat_factor,
+                               live.min_timeout_s) != "online":
+            actual, reason = "unknown", f"its node is offline (last known: {actual})"
     return {"id": vm_id, "name": name, "node": node, "vcpus": vcpus, "memory_mib": memory,
             "disk_gib": disk, "spec": json.loads(spec), "desired_state": desired,
             "actual_state": actual, "state_reason": reason, "created_at": created,
             "updated_at": updated}
 
 
-def get(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE (id = ? OR name = ?) AND"
-                       " deleted_at IS NULL ORDER BY created_at DESC LIMIT 1",
+def get(conn: sqlite3.Connection, vm_id: str, now: float, live: Liveness
+        ) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM {_VM_FROM} WHERE (v.id = ? OR v.name = ?)"
+                       " AND v.deleted_at IS NULL ORDER BY v.created_at DESC LIMIT 1",
                        (vm_id, vm_id)).fetchone()
     if row is None:
         return None
-    vm = _vm(row)
+    vm = _vm(row, now, live)
     vm["orders"] = orders.list_orders(conn, "", vm["id"], "", 50)
     return vm
 
 
-def list_vms(conn: sqlite3.Connection, node: str) -> list[dict[str, Any]]:
-    sql = f"SELECT {_VM_COLUMNS} FROM vms WHERE deleted_at IS NULL"
+def list_vms(conn: sqlite3.Connection, node: str, now: float, live: Liveness
+             ) -> list[dict[str, Any]]:
+    sql = f"SELECT {_VM_COLUMNS} FROM {_VM_FROM} WHERE v.deleted_at IS NULL"
     args: list[Any] = []
     if node:
-        sql += " AND node_id = ?"
+        sql += " AND v.node_id = ?"
         args.append(node)
-    return [_vm(r) for r in conn.execute(sql + " ORDER BY name", args)]
+    return [_vm(r, now, live) for r in conn.execute(sql + " ORDER BY v.name", args)]
+
+
+def reconcile(conn: sqlite3.Connection, signer: OrderSigner, now: float, live: Liveness,
+              ttl_s: float) -> list[str]:
+    """Orders that bring what runs back to what is desired, for VMs with no open order on
+    an online node: a VM its node paused on its own (cut off past its lease) is started
+    again. Returns the orders issued."""
+    issued = []
+    rows = conn.execute(
+        "SELECT v.id, v.node_id, n.reported_status, n.last_seen, n.interval_s FROM vms v"
+        " JOIN nodes n ON n.id = v.node_id WHERE v.deleted_at IS NULL AND v.desired_state ="
+        " 'running' AND v.actual_state = 'paused' AND n.revoked_at IS NULL AND NOT EXISTS"
+        " (SELECT 1 FROM orders o WHERE o.vm_id = v.id AND o.state IN ('pending', 'sent',"
+        " 'accepted'))").fetchall()
+    for vm_id, node_id, reported, last_seen, interval_s in rows:
+        if fleet.node_status(reported, last_seen, interval_s, now, live.heartbeat_factor,
+                             live.min_timeout_s) != "online":
+            continue
+        order_id = orders.issue(conn, signer, node_id, vm_id, "start", now, ttl_s,
+                                params={"vm_uuid": vm_id})
+        audit(conn, now, "aggregator", "vm.reconcile", vm_id, node=node_id, order=order_id,
+              reason="paused, should run")
+        issued.append(order_id)
+    return issued
 
 
 def resolve(conn: sqlite3.Connection, ref: str) -> str:
