@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import ssl
+import struct
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -92,8 +93,15 @@ async def make_disk(path: Path, image: Path | None, size_gib: int) -> Path:
 
 
 async def _format(image: Path) -> str:
-    def magic() -> bytes:
+    """``qcow2`` or ``raw``; a qcow2 image with a backing file is refused: the guest could
+    read whatever file it names on this node."""
+    def header() -> bytes:
         with image.open("rb") as fh:
-            return fh.read(4)
+            return fh.read(20)
 
-    return "qcow2" if await asyncio.to_thread(magic) == b"QFI\xfb" else "raw"
+    head = await asyncio.to_thread(header)
+    if head[:4] != b"QFI\xfb":
+        return "raw"
+    if len(head) < 20 or struct.unpack(">Q", head[8:16])[0] != 0:
+        raise ImageError(f"{image.name}: a qcow2 image with a backing file is not used")
+    return "qcow2"

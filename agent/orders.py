@@ -124,21 +124,41 @@ class OrderRunner:
                       order.order_id)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._recover()
+        recovered = await self._try_recover()
         while not stop.is_set():
             getter = asyncio.ensure_future(self._queue.get())
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            # Until a recovery has run (libvirt was away), look again every few seconds.
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED,
+                               timeout=None if recovered else 2.0)
             stopper.cancel()
-            if not getter.done():
+            if stop.is_set() or not getter.done():
                 getter.cancel()
-                return
+                if stop.is_set():
+                    return
+                recovered = await self._try_recover()
+                continue
             order, payload = getter.result()
+            if not recovered:
+                recovered = await self._try_recover()
             try:
                 await self._handle(order, payload)
             except HypervisorError as exc:  # libvirt went away: the order stays accepted
-                log.error("order %s interrupted: %s; it is finished at the next start",
+                log.error("order %s interrupted: %s; finished once libvirt is back",
                           order.order_id, exc)
+                recovered = False
+
+    async def _try_recover(self) -> bool:
+        """Finish accepted orders and restore the desired state, if libvirt is there."""
+        hv = self._hv()
+        if hv is None or not hv.alive():
+            return False
+        try:
+            await self._recover()
+        except HypervisorError as exc:
+            log.error("recovery interrupted: %s; trying again", exc)
+            return False
+        return True
 
     async def _handle(self, order: Order, payload: bytes) -> None:
         try:
@@ -146,6 +166,10 @@ class OrderRunner:
         except Refused as exc:
             log.warning("refused order %s: %s", order.order_id, exc)
             await self._send(order.order_id, "failed", {}, f"refused: {exc}")
+            return
+        hv = self._hv()
+        if hv is None or not hv.alive():  # not accepted: the aggregator sends it again
+            log.warning("order %s not taken: libvirt is not connected", order.order_id)
             return
         done = await self._journal.get(order.order_id)
         if done is not None:  # a duplicate: answer with what happened, never run it again
@@ -165,7 +189,8 @@ class OrderRunner:
     def _verify(self, order: Order, payload: bytes) -> None:
         try:
             self._key.verify(signed_bytes(raw_envelope(payload)), order.signature)
-        except (nacl.exceptions.BadSignatureError, ValueError, TypeError, ProtocolError):
+        except (nacl.exceptions.BadSignatureError, ValueError, TypeError, ProtocolError,
+                RecursionError):
             raise Refused("bad signature: not signed by this fleet's aggregator") from None
         if order.node != self._node:
             raise Refused(f"order for node {order.node!r}, this is {self._node!r}")

@@ -401,13 +401,23 @@ async def add_image(request: web.Request) -> web.Response:
         if not isinstance(body, dict) or not isinstance(body.get("path"), str):
             raise ApiError(400, "invalid_request",
                            'body must be {"name", "path", "format"} or an upload')
+        if await _role(request) != "admin":  # it reads a file of the aggregator's host
+            raise ApiError(403, "forbidden", "only admin may register a file on the"
+                           " aggregator host; upload the image instead")
         name = images.check_name(body.get("name"))
         fmt = body.get("format", "")
-        sha256, size, path = await asyncio.to_thread(images.store_file, Path(body["path"]),
+        source = await asyncio.to_thread(images.check_source, Path(body["path"]),
+                                         svc.images_dir.parent)
+        sha256, size, path = await asyncio.to_thread(images.store_file, source,
                                                      svc.images_dir)
-    if not fmt:
-        fmt = await asyncio.to_thread(images.sniff_format, path)
-    fmt = images.check_format(fmt)
+    try:
+        sniffed = await asyncio.to_thread(images.sniff_format, path)
+        fmt = images.check_format(fmt or sniffed)
+        if fmt in ("raw", "qcow2") and fmt != sniffed:
+            raise ApiError(400, "invalid_format", f"the file is {sniffed}, not {fmt}")
+    except (ApiError, Refused):
+        await asyncio.to_thread(path.unlink, missing_ok=True)  # stored by digest: unused
+        raise
     now, actor = time.time(), _actor(request)
 
     def record(db: Any) -> dict[str, Any]:

@@ -25,15 +25,17 @@ class ApiClient:
         self.timeout_s = timeout_s
 
     def request(self, method: str, path: str, body: Any = None,
-                query: dict[str, str] | None = None) -> Any:
+                query: dict[str, str] | None = None, raw: bytes | None = None) -> Any:
+        """A JSON ``body``, or ``raw`` bytes sent as application/octet-stream."""
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
-        data = None if body is None else json.dumps(body).encode()
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
         req.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
-            req.add_header("Content-Type", "application/json")
+            req.add_header("Content-Type", "application/octet-stream" if raw is not None
+                           else "application/json")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
                 return json.loads(resp.read() or b"null")

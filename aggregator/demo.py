@@ -124,10 +124,9 @@ class Demo:
         check it like any image; they run no disks)."""
         if any(i["name"] == DEMO_IMAGE for i in api.get("/api/v1/images")["images"]):
             return
-        path = self.dir / "demo-image.raw"
-        if not path.exists():
-            path.write_bytes(b"virt8ra demo image\n".ljust(1 << 20, b"\0"))
-        api.post("/api/v1/images", {"name": DEMO_IMAGE, "path": str(path), "format": "raw"})
+        image = b"virt8ra demo image\n".ljust(1 << 20, b"\0")
+        api.request("POST", "/api/v1/images", query={"name": DEMO_IMAGE, "format": "raw"},
+                    raw=image)
         self.console.print(f"registered image [cyan]{DEMO_IMAGE}[/] (1 MiB)")
 
     def _use_api_port(self) -> None:

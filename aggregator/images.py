@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import struct
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,8 +35,33 @@ def check_format(fmt: Any) -> str:
 
 
 def sniff_format(path: Path) -> str:
+    """``qcow2`` or ``raw``; refuses a qcow2 image with a backing file (a guest could read
+    whatever file it names on the node)."""
     with path.open("rb") as fh:
-        return "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
+        header = fh.read(20)
+    if header[:4] != b"QFI\xfb":
+        return "raw"
+    if len(header) < 20 or struct.unpack(">Q", header[8:16])[0] != 0:
+        raise Refused("backing_file", "qcow2 images with a backing file are refused: flatten"
+                      " it first (qemu-img convert -O qcow2 IN OUT)")
+    return "qcow2"
+
+
+def check_source(source: Path, data_dir: Path) -> Path:
+    """A file on the aggregator host to register: never one inside the data directory (its
+    keys, database, other images)."""
+    try:
+        resolved = source.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise Refused("invalid_path", f"{source} is not a file on the aggregator") from None
+    if resolved.is_relative_to(data_dir.resolve()):
+        raise Refused("invalid_path", "files inside the aggregator's data directory cannot be"
+                      " images", 403)
+    if not resolved.is_file():
+        raise Refused("invalid_path", f"{source} is not a file on the aggregator")
+    if resolved.stat().st_size > MAX_IMAGE_BYTES:
+        raise Refused("too_large", f"images are limited to {MAX_IMAGE_BYTES} bytes", 413)
+    return resolved
 
 
 def store_file(source: Path, directory: Path) -> tuple[str, int, Path]:

@@ -119,21 +119,28 @@ def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
         return
     state, vm_id, action, _ = row
     new = report.state if report.state in ("accepted", "succeeded", "failed") else "failed"
-    if state in FINAL or (new == "accepted" and state == "accepted"):
+    late = state == "expired" and new == "succeeded"  # it ran after all: what is, counts
+    if (state in FINAL and not late) or (new == "accepted" and state == "accepted"):
         return
     conn.execute("UPDATE orders SET state = ?, updated_at = ?, result = ?, error = ? WHERE id = ?",
                  (new, now, json.dumps(report.result), report.error, report.order_id))
-    _history(conn, report.order_id, now, new, report.error)
+    _history(conn, report.order_id, now, new,
+             "reported after the order had expired" if late else report.error)
     if new != "accepted" and vm_id:
-        _vm_order_ended(conn, vm_id, action, new, dict(report.result), report.error, now)
+        _vm_order_ended(conn, vm_id, action, new, dict(report.result), report.error, now,
+                        node=report.node)
 
 
 def _vm_order_ended(conn: sqlite3.Connection, vm_id: str, action: str, outcome: str,
-                    result: dict[str, Any], error: str, now: float) -> None:
+                    result: dict[str, Any], error: str, now: float, node: str = "") -> None:
     vm = conn.execute("SELECT node_id, actual_state FROM vms WHERE id = ?", (vm_id,)).fetchone()
     if vm is None:
         return
     node_id, actual = vm
+    if outcome == "succeeded" and action == "create" and node_id is None and node:
+        # A create that expired here but ran on the node: the VM is there, and counts there.
+        conn.execute("UPDATE vms SET node_id = ? WHERE id = ?", (node, vm_id))
+        node_id = node
     if outcome == "succeeded":
         state = str(result.get("state", actual))
         conn.execute("UPDATE vms SET actual_state = ?, state_reason = '', updated_at = ?"

@@ -25,6 +25,8 @@ from aggregator.pki import OrderSigner
 from aggregator.placement import Demand, Policy, load_nodes, place, shortlist
 
 VM_NAME: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+UUID_SHAPE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+RECONCILE_COOLDOWN_S: Final = 60.0  # a VM paused again after a start is left a minute
 ACTIONS: Final = {"start": "running", "stop": "stopped", "reboot": "running",
                   "delete": "deleted"}
 
@@ -55,6 +57,8 @@ class VmRequest:
         if not isinstance(name, str) or not VM_NAME.fullmatch(name):
             raise Refused("invalid_name", "name must be a lower-case DNS label (a-z, 0-9, -;"
                           " at most 63 characters)")
+        if UUID_SHAPE.fullmatch(name):  # VMs are found by id or name: a name is never an id
+            raise Refused("invalid_name", "name must not have the shape of a VM id (a UUID)")
 
         def integer(key: str, low: int, high: int, default: int | None = None) -> int:
             value = body.get(key, default)
@@ -177,12 +181,14 @@ def act(conn: sqlite3.Connection, signer: OrderSigner, vm_id: str, action: str, 
         raise Refused("not_placed", "the VM is on no node (its creation failed): delete it",
                       409)
     if desired == "deleted":
-        if action == "delete":  # asked again: the same answer, the same order
-            (order_id,) = conn.execute(
-                "SELECT id FROM orders WHERE vm_id = ? AND action = 'delete' ORDER BY seq DESC"
-                " LIMIT 1", (vm_id,)).fetchone() or (None,)
-            return {"id": vm_id, "node": node_id, "order": order_id}
-        raise Refused("deleting", "the VM is being deleted", 409)
+        last = conn.execute(
+            "SELECT id, state FROM orders WHERE vm_id = ? AND action = 'delete' ORDER BY seq"
+            " DESC LIMIT 1", (vm_id,)).fetchone()
+        if last is not None and last[1] not in ("failed", "expired"):
+            if action == "delete":  # asked again while it runs: the same order
+                return {"id": vm_id, "node": node_id, "order": last[0]}
+            raise Refused("deleting", "the VM is being deleted", 409)
+        # The last delete failed or expired: any order may follow, a delete again included.
     order_id = orders.issue(conn, signer, node_id, vm_id, action, now, ttl_s,
                             params={"vm_uuid": vm_id})
     conn.execute("UPDATE vms SET desired_state = ?, updated_at = ? WHERE id = ?",
@@ -246,8 +252,9 @@ def reconcile(conn: sqlite3.Connection, signer: OrderSigner, now: float, live: L
         "SELECT v.id, v.node_id, n.reported_status, n.last_seen, n.interval_s FROM vms v"
         " JOIN nodes n ON n.id = v.node_id WHERE v.deleted_at IS NULL AND v.desired_state ="
         " 'running' AND v.actual_state = 'paused' AND n.revoked_at IS NULL AND NOT EXISTS"
-        " (SELECT 1 FROM orders o WHERE o.vm_id = v.id AND o.state IN ('pending', 'sent',"
-        " 'accepted'))").fetchall()
+        " (SELECT 1 FROM orders o WHERE o.vm_id = v.id AND (o.state IN ('pending', 'sent',"
+        " 'accepted') OR (o.action = 'start' AND o.created_at > ?)))",
+        (now - RECONCILE_COOLDOWN_S,)).fetchall()
     for vm_id, node_id, reported, last_seen, interval_s in rows:
         if fleet.node_status(reported, last_seen, interval_s, now, live.heartbeat_factor,
                              live.min_timeout_s) != "online":

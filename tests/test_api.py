@@ -44,8 +44,8 @@ EXAMPLES: dict[tuple[str, str], Any] = {  # (path, body), or a function of the A
                                             {"reason": "maintenance"}),
     ("POST", "/api/v1/nodes/{id}/uncordon"): ("/api/v1/nodes/at-stolen-01/uncordon", None),
     ("GET", "/api/v1/images"): ("/api/v1/images", None),
-    ("POST", "/api/v1/images"): lambda api: (
-        "/api/v1/images", {"name": "tiny", "path": str(_tiny_image()), "format": "raw"}),
+    # An upload: registering a file of the aggregator's host is for admin only (tested below).
+    ("POST", "/api/v1/images"): ("/api/v1/images?name=tiny&format=raw", b"\0" * 4096),
     ("GET", "/api/v1/vms"): ("/api/v1/vms?node=si-rack-01", None),
     ("POST", "/api/v1/vms"): lambda api: ("/api/v1/vms", _vm_body()),
     ("POST", "/api/v1/placement/dry-run"): ("/api/v1/placement/dry-run", VM_BODY),
@@ -106,7 +106,10 @@ async def test_role_matrix(api: Api, route: Any, role: str | None) -> None:
     example = EXAMPLES[(route.method, route.path)]
     path, body = example(api) if callable(example) else example
     token = api.tokens.get(role, "v8a_not-a-token") if role else None
-    status, answer = await api.call(route.method, path, token, body)
+    if isinstance(body, bytes):  # an upload
+        status, answer = await api.call(route.method, path, token, raw=body)
+    else:
+        status, answer = await api.call(route.method, path, token, body)
     if not route.roles:  # public; enroll is authorised by the token in its body (none here)
         assert status == (400 if route.path == "/api/v1/enroll" else 200)
         return
@@ -118,6 +121,27 @@ async def test_role_matrix(api: Api, route: Any, role: str | None) -> None:
     else:
         assert status == 403
         assert answer["error"]["code"] == "forbidden"
+
+
+async def test_registering_a_host_file_is_for_admin_and_never_the_data_directory(
+        api: Api, root_dir: Path) -> None:
+    body = {"name": "from-host", "path": str(_tiny_image()), "format": "raw"}
+    status, answer = await api.call("POST", "/api/v1/images", api.tokens["operator"], body)
+    assert (status, answer["error"]["code"]) == (403, "forbidden")
+    status, answer = await api.call("POST", "/api/v1/images", api.tokens["admin"], body)
+    assert status == 201, answer
+    # The data directory holds keys: never an image, whoever asks.
+    secret = root_dir / "api-order-signing.key"
+    status, answer = await api.call("POST", "/api/v1/images", api.tokens["admin"],
+                                    {"name": "stolen", "path": str(secret)})
+    assert (status, answer["error"]["code"]) == (403, "invalid_path")
+    # A qcow2 image whose header names a backing file is refused, and nothing is kept.
+    header = b"QFI\xfb" + (3).to_bytes(4, "big") + (512).to_bytes(8, "big") + b"\0" * 492
+    status, answer = await api.call("POST", "/api/v1/images?name=sneaky&format=qcow2",
+                                    api.tokens["operator"], raw=header + b"/etc/shadow")
+    assert (status, answer["error"]["code"]) == (400, "backing_file")
+    status, answer = await api.call("GET", "/api/v1/images", api.tokens["viewer"])
+    assert "sneaky" not in {i["name"] for i in answer["images"]}
 
 
 async def test_undecodable_bearer_bytes_are_just_a_wrong_token(api: Api) -> None:
