@@ -158,7 +158,7 @@ class MigrationResult:
     downtime_ms: int | None  # guest paused at the source until it resumed at the destination
     transferred_bytes: int | None  # memory, disks and device state
     memory_bytes: int | None
-    disk_bytes: int | None
+    disk_bytes: int | None  # None: no disk was copied
     memory_iterations: int | None
     job_elapsed_ms: int | None  # libvirt's own duration of the job
 
@@ -479,9 +479,10 @@ class Hypervisor:
         guest keeps running here (unless the job was already finishing; then it completes
         and the result is returned). Cancelling the call aborts the job the same way.
 
-        The result's downtime and transfer figures are the completed job's as the
-        destination has them, read at ``dest_stats_uri`` (default ``dest_uri``: give the
-        destination's address as this process reaches it, if that differs).
+        The result's downtime and memory figures are the completed job's as the destination
+        has them, read at ``dest_stats_uri`` (default ``dest_uri``: give the destination's
+        address as this process reaches it, if that differs). The destination does not count
+        copied disks: their size is the disk total the source last reported while it ran.
         """
         flags = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
@@ -501,17 +502,29 @@ class Hypervisor:
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib_s)
 
         def op() -> None:
+            # On a connection of its own: libvirt 9.0's client can leave a call on the same
+            # connection (the abort) waiting for good while another thread sits in the
+            # migration call; and the host's other calls need not queue behind it either.
             try:
-                dom = self._conn.lookupByUUIDString(vm_uuid)
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+            try:
+                dom = conn.lookupByUUIDString(vm_uuid)
                 if max_downtime_ms is not None:
                     dom.migrateSetMaxDowntime(int(max_downtime_ms), 0)
                 dom.migrateToURI3(dest_uri, params, flags)
             except libvirt.libvirtError as exc:
                 raise _wrap(exc) from None
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
 
         started = time.monotonic()
         call = asyncio.ensure_future(asyncio.to_thread(op))
         aborted = False
+        last: MigrationProgress | None = None
+        figures: MigrationProgress | None = None
         try:
             while not call.done():
                 await asyncio.wait({call}, timeout=MIGRATION_POLL_S)
@@ -521,10 +534,12 @@ class Hypervisor:
                         and time.monotonic() - started > timeout_s):
                     aborted = True
                     await self._abort_job(vm_uuid)
-                elif progress is not None and not aborted:
+                elif not aborted:
                     with contextlib.suppress(HypervisorError):  # the job may just have ended
-                        figures = await self.job_stats(vm_uuid)
-                        if figures is not None:
+                        figures = await self.job_stats(vm_uuid) or last
+                    if figures is not None and figures is not last:
+                        last = figures
+                        if progress is not None:
                             progress(figures)
         except BaseException:  # cancelled (or progress raised): the guest stays here
             if not call.done():
@@ -543,16 +558,12 @@ class Hypervisor:
             raise
         stats = await asyncio.to_thread(
             _completed_job_stats, dest_stats_uri or dest_uri, vm_uuid)
-        return migration_result(duration_ms, stats)
+        return migration_result(duration_ms, stats, last)
 
     async def _abort_job(self, vm_uuid: str) -> None:
         """Abort the guest's running job; one that already ended is fine."""
-        try:
-            print("ABORT", time.monotonic(), flush=True)
-            r = await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.abortJob())
-            print("ABORT ->", r, time.monotonic(), flush=True)
-        except HypervisorError as exc:
-            print("ABORT FAILED", exc, exc.code, flush=True)
+        with contextlib.suppress(HypervisorError):
+            await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.abortJob())
 
     def _on_domain(self, vm_uuid: str, call: Callable[[Any], T]) -> T:
         """Run ``call(domain)`` (in the worker thread), libvirt's errors as ours."""
@@ -728,14 +739,24 @@ def migration_progress(stats: dict[str, Any]) -> MigrationProgress | None:
     )
 
 
-def migration_result(duration_ms: int, stats: dict[str, Any]) -> MigrationResult:
-    """A migration's result from its wall time and the completed job's stats (may be empty)."""
+def migration_result(duration_ms: int, stats: dict[str, Any],
+                     last: MigrationProgress | None = None) -> MigrationResult:
+    """A migration's result from its wall time, the completed job's stats on the destination
+    (may be empty) and the source's last figures while it ran (for the disks, which the
+    destination does not count: a migration that succeeded copied the whole disk total)."""
+    memory = _int(stats, "memory_processed")
+    disk = _int(stats, "disk_processed") or None
+    if disk is None and last is not None:
+        disk = last.disk_total_bytes or None
+    data = _int(stats, "data_processed")
+    if data is not None and disk is not None and not _int(stats, "disk_processed"):
+        data += disk
     return MigrationResult(
         duration_ms=duration_ms,
         downtime_ms=_int(stats, "downtime"),
-        transferred_bytes=_int(stats, "data_processed"),
-        memory_bytes=_int(stats, "memory_processed"),
-        disk_bytes=_int(stats, "disk_processed"),
+        transferred_bytes=data,
+        memory_bytes=memory,
+        disk_bytes=disk,
         memory_iterations=_int(stats, "memory_iteration"),
         job_elapsed_ms=_int(stats, "time_elapsed"),
     )

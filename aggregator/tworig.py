@@ -113,12 +113,6 @@ class Host:
         return Path(text)
 
 
-@dataclass(frozen=True, slots=True)
-class RigTimings:
-    setup_s: float
-    teardown_s: float | None  # None until torn down
-
-
 class TwoHosts:
     """Two libvirt hosts in network namespaces, as a context manager::
 
@@ -126,9 +120,11 @@ class TwoHosts:
             a, b = rig.hosts
             ...  # define a guest at a.uri, migrate it to b.migration_uri
 
-    ``workdir`` must exist (it gets one directory per host). ``name`` prefixes the
-    namespaces, hostnames and interfaces (at most 12 characters); two rigs with different
-    names can run side by side (the subnet exists only inside each rig's namespaces).
+    ``workdir`` must exist (it gets one directory per host, and :attr:`shared_dir`, which
+    both hosts see at the same path: the place for files both need, like a kernel).
+    ``name`` prefixes the namespaces, hostnames and interfaces (at most 12 characters); two
+    rigs with different names can run side by side (the subnet exists only inside each
+    rig's namespaces). :attr:`setup_s` and :attr:`teardown_s` say how long each took.
     """
 
     def __init__(self, workdir: Path, *, name: str = DEFAULT_NAME) -> None:
@@ -138,6 +134,7 @@ class TwoHosts:
         self.name = name
         self.hosts: tuple[Host, ...] = tuple(
             self._host(letter, i + 1) for i, letter in enumerate(HOST_LETTERS))
+        self.shared_dir = workdir / "shared"
         self.setup_s: float | None = None
         self.teardown_s: float | None = None
         self._lock: IO[bytes] | None = None
@@ -177,6 +174,7 @@ class TwoHosts:
             for host in self.hosts:
                 _remove_stale_namespace(host.name)
             self._network()
+            self.shared_dir.mkdir(exist_ok=True)
             for host in self.hosts:
                 self._write_host_files(host)
             launches = [(host, self._launch(host)) for host in self.hosts]
@@ -307,12 +305,6 @@ class TwoHosts:
             self._lock = None
         if self.setup_s is not None and self.teardown_s is None:
             self.teardown_s = time.monotonic() - started
-
-    @property
-    def timings(self) -> RigTimings:
-        if self.setup_s is None:
-            raise RuntimeError("the rig was not set up")
-        return RigTimings(setup_s=self.setup_s, teardown_s=self.teardown_s)
 
 
 def _run(step: str, argv: list[str]) -> None:
