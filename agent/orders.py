@@ -279,12 +279,19 @@ class OrderRunner:
 
     async def _create(self, hv: Hypervisor, spec: VmSpec) -> dict[str, Any]:
         state = await hv.state(spec.uuid)
-        if state is None:  # not created before (or a kill came before the define)
+        defined_here = state is None
+        if defined_here:  # not created before (or a kill came before the define)
             await self._check_limits(hv, spec)
             await self._define(hv, spec)
             state = await hv.state(spec.uuid)
         if state != "running":
-            await hv.start(spec.uuid)
+            try:
+                await hv.start(spec.uuid)
+            except HypervisorError:
+                if defined_here and hv.alive():  # a VM that never ran leaves nothing behind
+                    await hv.undefine(spec.uuid)
+                    shutil.rmtree(self._storage.disks_dir / spec.uuid, ignore_errors=True)
+                raise
         return {"state": await hv.state(spec.uuid) or "gone"}
 
     async def _check_limits(self, hv: Hypervisor, spec: VmSpec) -> None:

@@ -80,6 +80,8 @@ class VmRequest:
             if not isinstance(value, str) or len(value) > (1024 if key == "cmdline" else 128):
                 raise Refused("invalid_request", f"boot.{key} must be a short string")
             fields[key] = value
+        if any(not (32 <= ord(ch) < 127) for ch in fields["cmdline"]):
+            raise Refused("invalid_request", "boot.cmdline must be printable ASCII")
         if fields["image"] and fields["kernel"]:
             raise Refused("invalid_request", "boot from an image or a kernel, not both")
         if fields["initrd"] and not fields["kernel"]:
@@ -116,13 +118,20 @@ def dry_run(conn: sqlite3.Connection, req: VmRequest, now: float,
     return place(demand, nodes).to_json()
 
 
-def _image(conn: sqlite3.Connection, name: str) -> str:
+_BOOT_FORMATS: Final = {"image": ("raw", "qcow2"), "kernel": ("kernel",),
+                        "initrd": ("initrd",)}
+
+
+def _image(conn: sqlite3.Connection, name: str, role: str) -> str:
     if not name:
         return ""
-    row = conn.execute("SELECT sha256 FROM images WHERE name = ?", (name,)).fetchone()
+    row = conn.execute("SELECT sha256, format FROM images WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise Refused("unknown_image", f"no image {name!r}: register it (POST /api/v1/images)",
                       400)
+    if row[1] not in _BOOT_FORMATS[role]:
+        raise Refused("wrong_image_format", f"boot.{role}: {name!r} is a {row[1]} image, not"
+                      f" {' or '.join(_BOOT_FORMATS[role])}")
     return str(row[0])
 
 
@@ -134,7 +143,7 @@ def create(conn: sqlite3.Connection, signer: OrderSigner, req: VmRequest, now: f
     if conn.execute("SELECT 1 FROM vms WHERE name = ? AND deleted_at IS NULL",
                     (req.name,)).fetchone():
         raise Refused("name_taken", f"a VM named {req.name!r} exists", 409)
-    digests = {key: _image(conn, getattr(req, key)) for key in ("image", "kernel", "initrd")}
+    digests = {key: _image(conn, getattr(req, key), key) for key in ("image", "kernel", "initrd")}
     demand = req.demand()
     nodes = shortlist(conn, demand, now=now, profiles=profiles,
                       heartbeat_factor=live.heartbeat_factor, min_timeout_s=live.min_timeout_s)

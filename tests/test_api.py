@@ -268,3 +268,26 @@ async def test_only_admin_and_operator_bind_a_token_to_a_node(api: Api) -> None:
                                     body)
     assert status == 201
     assert answer["node_id"] == "si-tower-01"
+
+
+@pytest.mark.parametrize(("boot", "code"), [
+    ({"kernel": "k", "cmdline": "console=ttyS0\nroot=/dev/evil"}, "invalid_request"),
+    ({"kernel": "k", "cmdline": "console=ttyS0\x00"}, "invalid_request"),
+    ({"image": "no-such-image"}, "unknown_image"),
+])
+async def test_a_vm_that_cannot_boot_is_refused_at_the_api(api: Api, boot: dict[str, str],
+                                                           code: str) -> None:
+    status, answer = await api.call("POST", "/api/v1/vms", api.tokens["operator"],
+                                    {"name": "badboot", "vcpus": 1, "memory_mib": 128,
+                                     "boot": boot})
+    assert (status, answer["error"]["code"]) == (400, code)
+
+
+async def test_boot_images_must_have_the_right_format(api: Api) -> None:
+    status, _ = await api.call("POST", "/api/v1/images?name=a-kernel&format=kernel",
+                               api.tokens["admin"], raw=b"\x7fELF" + b"\0" * 60)
+    assert status == 201
+    status, answer = await api.call("POST", "/api/v1/vms", api.tokens["operator"],
+                                    {"name": "kernel-as-disk", "vcpus": 1, "memory_mib": 128,
+                                     "boot": {"image": "a-kernel"}})
+    assert (status, answer["error"]["code"]) == (400, "wrong_image_format")
