@@ -140,12 +140,19 @@ class Fleet:
             "site": site, "country": country, "provider": provider, "profile": profile,
         })
         home = self.dir / "nodes" / node_id
-        return enroll(EnrollOptions(
+        config = enroll(EnrollOptions(
             aggregator=self.url, token=grant["token"], node_id=node_id,
             config_dir=home / "etc", state_dir=home / "state",
             ca_fingerprint=grant["ca_fingerprint"], simulate_profile=profile,
             interval_s=interval_s,
         ))
+        # Tests restart brokers and aggregators on purpose: reconnect within seconds, not the
+        # minute a real node backs off to.
+        with config.open("rb") as fh:
+            table = tomllib.load(fh)
+        table["broker"]["backoff_max_s"] = 4.0
+        config.write_text(configfile.dump_toml(table))
+        return config
 
     def agent(self, node_id: str) -> Process:
         config = self.dir / "nodes" / node_id / "etc" / "agent.toml"
