@@ -335,12 +335,28 @@ def _m005_placement_headroom(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m006_residency_head(db: sqlite_utils.Database) -> None:
+    """Each VM keeps the hash and length of its residency chain, so removing the chain's last
+    rows (or all of them) is detected too."""
+    db.executescript(
+        """
+        ALTER TABLE vms ADD COLUMN residency_head TEXT NOT NULL DEFAULT '';
+        ALTER TABLE vms ADD COLUMN residency_length INTEGER NOT NULL DEFAULT 0;
+        UPDATE vms SET
+            residency_head = coalesce((SELECT hash FROM residency r WHERE r.vm_id = vms.id
+                                       ORDER BY seq DESC LIMIT 1), ''),
+            residency_length = (SELECT count(*) FROM residency r WHERE r.vm_id = vms.id);
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_trust", _m002_trust),
     ("003_vms", _m003_vms),
     ("004_placement_figures", _m004_placement_figures),
     ("005_placement_headroom", _m005_placement_headroom),
+    ("006_residency_head", _m006_residency_head),
 ]
 
 

@@ -3,6 +3,7 @@
 Every row is an event (``arrived`` at a node, ``left`` it) with the node's provider, country and
 site as its certificate gave them at that time. Each row's hash covers its own fields and the
 previous row's hash, so changing, removing or reordering a row breaks the chain from there on;
+the VM keeps the chain's last hash and length, so removing rows from the end shows too.
 :func:`verify` recomputes it end to end on every read and says where it breaks.
 """
 
@@ -36,6 +37,8 @@ def append(conn: sqlite3.Connection, vm_id: str, event: str, node_id: str, ts: f
         " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (vm_id, seq, event, node_id, provider, country, site, ts, prev, digest),
     )
+    conn.execute("UPDATE vms SET residency_head = ?, residency_length = ? WHERE id = ?",
+                 (digest, seq, vm_id))
 
 
 def verify(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any]:
@@ -55,6 +58,11 @@ def verify(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any]:
         ):
             broken = seq
         prev = digest
+    anchor = conn.execute("SELECT residency_head, residency_length FROM vms WHERE id = ?",
+                          (vm_id,)).fetchone()
+    if broken is None and anchor is not None and (anchor[1], anchor[0]) != (
+            len(rows), prev if rows else ""):
+        broken = len(rows) + 1  # rows were removed from the end (or the whole chain)
     entries: list[dict[str, Any]] = []
     for _seq, event, node, provider, country, site, ts, _p, _h in rows:
         if event == "arrived":
@@ -70,9 +78,12 @@ def verify(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any]:
 
 
 def verify_all(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every VM's chain; for ``virt8ra audit verify``."""
+    """Every VM's chain, also of VMs whose chain was removed whole; for
+    ``virt8ra audit verify``."""
     out = []
-    for (vm_id,) in conn.execute("SELECT DISTINCT vm_id FROM residency ORDER BY vm_id"):
+    for (vm_id,) in conn.execute(
+            "SELECT vm_id FROM residency UNION SELECT id FROM vms WHERE residency_length > 0"
+            " ORDER BY 1").fetchall():
         result = verify(conn, vm_id)
         out.append({"vm": vm_id, "chain_valid": result["chain_valid"],
                     "broken_at": result["broken_at"], "events": result["events"]})

@@ -437,3 +437,18 @@ def test_a_node_cut_off_past_its_lease_pauses_its_guests_until_told(rig: Rig) ->
              timeout_s=30, what="the aggregator resuming it")
     wait_for(lambda: rig.vm("leased")["actual_state"] == "running", timeout_s=30,
              what="the VM running again")
+
+
+def test_removing_the_end_of_a_residency_record_is_detected(rig: Rig) -> None:
+    made = rig.api.post("/api/v1/vms", _spec("truncated", placement={"countries": ["SI"]}))
+    rig.wait_order(made["order"])
+    rig.wait_order(rig.api.request("DELETE", f"/api/v1/vms/{made['id']}")["order"])
+    assert rig.api.get(f"/api/v1/vms/{made['id']}/residency")["chain_valid"] is True
+    with sqlite3.connect(rig.fleet.layout.database) as db:  # the departure disappears
+        db.execute("DELETE FROM residency WHERE vm_id = ? AND seq = 2", (made["id"],))
+    record = rig.api.get(f"/api/v1/vms/{made['id']}/residency")
+    assert (record["chain_valid"], record["broken_at"]) == (False, 2)
+    with sqlite3.connect(rig.fleet.layout.database) as db:  # and then all of it
+        db.execute("DELETE FROM residency WHERE vm_id = ?", (made["id"],))
+    chains = {c["vm"]: c for c in rig.api.get("/api/v1/residency/verify")["chains"]}
+    assert chains[made["id"]]["chain_valid"] is False
