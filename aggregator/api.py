@@ -286,15 +286,20 @@ async def ca_certificate(request: web.Request) -> web.Response:
     )
 
 
+async def _reason(request: web.Request) -> str:
+    """The optional ``{"reason": text}`` body of a node action, for the audit trail."""
+    if not request.can_read_body:
+        return ""
+    body = await _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
+        raise ApiError(400, "invalid_request", 'body must be {"reason": string}')
+    return str(body.get("reason", ""))[:500]
+
+
 async def revoke_node(request: web.Request) -> web.Response:
     svc = _svc(request)
     node_id = _node_id(request)
-    reason = ""
-    if request.can_read_body:
-        body = await _json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
-            raise ApiError(400, "invalid_request", "body must be {\"reason\": string}")
-        reason = body.get("reason", "")[:500]
+    reason = await _reason(request)
     result = await svc.revoke(node_id, _actor(request), reason)
     return web.json_response(result)
 
@@ -303,12 +308,7 @@ def _cordon(cordoned: bool) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         svc = _svc(request)
         node_id = _node_id(request)
-        reason = ""
-        if request.can_read_body:
-            body = await _json_body(request)
-            if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
-                raise ApiError(400, "invalid_request", 'body must be {"reason": string}')
-            reason = body.get("reason", "")[:500]
+        reason = await _reason(request)
         now, actor = time.time(), _actor(request)
         done = await svc.store.write(
             lambda db: trust.set_cordon(db, node_id, cordoned, now, actor, reason))

@@ -170,7 +170,7 @@ class TwoHosts:
         started = time.monotonic()
         try:
             self._take_lock()
-            _prepare_users()
+            prepare_libvirt_users()
             for host in self.hosts:
                 _remove_stale_namespace(host.name)
             self._network()
@@ -277,7 +277,7 @@ class TwoHosts:
             raise RigError("start", f"{host.name}: exit status {code}; see "
                            f"{host.root / 'start.log'}")
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not _socket_answers(host.socket):
+        while not socket_answers(host.socket):
             if time.monotonic() > deadline:
                 raise RigError("start", f"{host.name}: {host.socket} does not answer; see "
                                f"{host.root / 'log' / 'libvirtd.log'}")
@@ -313,7 +313,7 @@ def _run(step: str, argv: list[str]) -> None:
         raise RigError(step, f"{shlex.join(argv)}: {done.stderr.strip() or done.returncode}")
 
 
-def _prepare_users() -> None:
+def prepare_libvirt_users() -> None:
     """The groups, user and cache directory libvirt-daemon-system would have created."""
     for group in _GROUPS:
         if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
@@ -352,7 +352,7 @@ def _stop_pids(pids: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + _STOP_TIMEOUT_S
-    while any(_running(pid) for pid in pids):
+    while any(running(pid) for pid in pids):
         if time.monotonic() > deadline:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
@@ -361,7 +361,7 @@ def _stop_pids(pids: list[int]) -> None:
         time.sleep(_POLL_S)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether ``pid`` is alive (an exited daemon not yet reaped by init counts as gone)."""
     try:
         line = Path(f"/proc/{pid}/stat").read_text()
@@ -370,7 +370,7 @@ def _running(pid: int) -> bool:
     return line.rpartition(")")[2].split()[0] != "Z"
 
 
-def _socket_answers(path: Path) -> bool:
+def socket_answers(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
         try:

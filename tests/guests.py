@@ -17,7 +17,6 @@ import grp
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from typing import Final
 import pytest
 
 from aggregator.guestimage import TinyGuest, build_tiny_guest
+from aggregator.tworig import prepare_libvirt_users, running, socket_answers
 
 SYSTEM_URI: Final = "qemu:///system"
 LIBVIRT_SOCKET: Final = Path("/run/libvirt/libvirt-sock")
@@ -40,25 +40,9 @@ LIBVIRT_DIRS: Final = ("/var/log/libvirt/qemu", "/var/lib/libvirt/qemu",
                        "/var/lib/libvirt/images", "/var/cache/libvirt/qemu")
 
 
-def socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def prepare_libvirt_host() -> None:
     """Users, groups and directories libvirtd needs, as libvirt-daemon-system makes them."""
-    for group in ("kvm", "libvirt-qemu"):
-        if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
-            subprocess.run(["groupadd", "--system", group], check=True)
-    if subprocess.run(["getent", "passwd", "libvirt-qemu"], capture_output=True).returncode:
-        subprocess.run(["useradd", "--system", "--gid", "libvirt-qemu", "--groups", "kvm",
-                        "--home-dir", "/var/lib/libvirt", "--no-create-home",
-                        "--shell", "/usr/sbin/nologin", "libvirt-qemu"], check=True)
+    prepare_libvirt_users()
     for d in LIBVIRT_DIRS:
         Path(d).mkdir(parents=True, exist_ok=True)
 
@@ -109,15 +93,6 @@ def stop_daemon(pid: int, timeout_s: float = 10.0) -> None:
             return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` is alive (an exited daemon not yet reaped by init counts as gone)."""
-    try:
-        line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return line.rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.fixture(scope="session")
