@@ -440,6 +440,8 @@ def test_a_node_cut_off_past_its_lease_pauses_its_guests_until_told(rig: Rig) ->
 
 
 def test_removing_the_end_of_a_residency_record_is_detected(rig: Rig) -> None:
+    # An earlier test restarted the aggregator: let the node be back before placing on it.
+    wait_for(lambda: rig.fleet.node("si-tower-01")["status"] == "online", what="the node")
     made = rig.api.post("/api/v1/vms", _spec("truncated", placement={"countries": ["SI"]}))
     rig.wait_order(made["order"])
     rig.wait_order(rig.api.request("DELETE", f"/api/v1/vms/{made['id']}")["order"])
