@@ -104,11 +104,15 @@ def csr(cert: Path, key: Path, node_id: str) -> dict[str, Any]:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ), key)
-    request = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
-        .sign(new_key, hashes.SHA256())
-    )
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+    try:  # the renewed certificate keeps the names the node is reached at (migration)
+        current = x509.load_pem_x509_certificate(cert.read_bytes())
+        names = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        pass
+    request = builder.sign(new_key, hashes.SHA256())
     return {"csr": request.public_bytes(serialization.Encoding.PEM).decode()}
 
 

@@ -85,6 +85,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             force=args.force,
             group=args.group,
             domain_type=args.domain_type,
+            migration_address=args.migration_address,
+            migration_transport=args.migration_transport,
+            tls_dir=args.tls_dir,
+            admin_uri=args.libvirt_admin_uri,
         ))
     except EnrollError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -139,6 +143,16 @@ def parser() -> argparse.ArgumentParser:
                     help="the guests' domain type (default: what the host offers)")
     sp.add_argument("--group", default="",
                     help="the agent service's group, allowed to read the key (e.g. virt8ra)")
+    sp.add_argument("--migration-address", default="",
+                    help="where other nodes' libvirtd reach this node's for live migration"
+                    " (an IP address or DNS name; it goes into the certificate)")
+    sp.add_argument("--migration-transport", default="tls", choices=["tls", "tcp"],
+                    help="tls (default): libvirt's TLS port with fleet certificates; tcp: a"
+                    " closed lab network only")
+    sp.add_argument("--tls-dir", type=Path, default=Path("/etc/pki"),
+                    help="where libvirt reads its TLS files (CA/, libvirt/, qemu/)")
+    sp.add_argument("--libvirt-admin-uri", default="libvirtd:///system",
+                    help="libvirtd's admin URI, to reload its TLS files after a renewal")
     sp.set_defaults(func=_cmd_enroll)
     return p
 

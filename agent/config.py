@@ -52,10 +52,29 @@ class LibvirtConfig:
     # it is there); "qemu" forces software emulation, for hosts whose /dev/kvm cannot run
     # guests (nested virtualisation that only looks usable).
     domain_type: str = "auto"
+    # Live migration, peer to peer between the nodes' libvirt daemons. ``migration_address``
+    # is where other nodes' libvirtd reach this one's (an IP address or host name in this
+    # node's certificate); empty: this node takes no live migrations. ``migration_transport``
+    # "tls" uses libvirt's TLS port (listen_tls = 1 in libvirtd.conf, no key_file/cert_file
+    # lines: libvirt reloads only its default paths) and QEMU's TLS for the data, with the
+    # node's fleet certificate, which the agent writes under ``tls_dir`` in libvirt's layout;
+    # "tcp" is unauthenticated and only for a closed lab network.
+    migration_address: str = ""
+    migration_transport: str = "tls"
+    tls_dir: Path = Path("/etc/pki")  # libvirt's own default layout: CA/, libvirt/, qemu/
+    # libvirtd's admin socket URI: after new certificates the agent asks it to reload them.
+    admin_uri: str = "libvirtd:///system"
 
     def __post_init__(self) -> None:
         if self.domain_type not in ("auto", "kvm", "qemu"):
             raise ValueError(f"domain_type: {self.domain_type!r} must be auto, kvm or qemu")
+        if self.migration_transport not in ("tls", "tcp"):
+            raise ValueError(f"migration_transport: {self.migration_transport!r} must be tls"
+                             " or tcp")
+        if self.migration_address and not all(
+                ch.isalnum() or ch in ".-:" for ch in self.migration_address):
+            raise ValueError(f"migration_address: {self.migration_address!r} is not an IP"
+                             " address or host name")
 
 
 @dataclass(frozen=True)

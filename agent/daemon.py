@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
 
-from agent import __version__, sdnotify
+from agent import __version__, libvirttls, sdnotify
 from agent.config import AgentConfig
 from agent.configfile import ConfigError
 from agent.hypervisor import DomainEvent, Hypervisor, HypervisorError
 from agent.identity import Identity, IdentityError, IdentityExpired
 from agent.journal import Journal
-from agent.orders import NodeLimits, OrderRunner, Storage, load_verify_key
+from agent.orders import Migration, NodeLimits, OrderRunner, Storage, load_verify_key
 from agent.profiles import Reservations, default_profiles_dir, load_profile
 from agent.sampler import HostSampler
 from agent.spool import Dropped, Spool
@@ -38,6 +40,8 @@ from agent.wire import (
 )
 
 log = logging.getLogger("virt8ra.agent")
+CONTACT_EVERY_S = 5.0  # how often the journal learns that the aggregator is in reach
+QEMU_GROUP = "libvirt-qemu"  # QEMU reads its migration TLS key as this group
 
 
 class Agent:
@@ -63,13 +67,15 @@ class Agent:
                 backoff_max_s=c.backoff_max_s,
                 interval_s=config.telemetry.interval_s,
                 batch=config.telemetry.publish_batch,
+                lease_s=config.orders.lease_s,
             ),
             self.spool,
             self.inventory,
             self._on_message,
         )
         self.identity = Identity(config.node.id, c.cert_file, c.key_file, c.ca_file,
-                                 lambda make: self._append("events", make))
+                                 lambda make: self._append("events", make),
+                                 self._libvirt_tls)
         o = config.orders
         self.journal = Journal(o.journal_path)
         self.orders = OrderRunner(
@@ -80,6 +86,9 @@ class Agent:
                     config.libvirt.domain_type),
             lambda: client_context(c.ca_file, c.cert_file, c.key_file),
             lambda make: self._append("events", make),
+            Migration(config.libvirt.migration_address, config.libvirt.migration_transport,
+                      config.libvirt.tls_dir),
+            o.lease_s,
         )
 
     def inventory(self) -> Inventory:
@@ -102,6 +111,7 @@ class Agent:
 
     async def run(self) -> None:
         await self.identity.check()  # an expired certificate: nothing here can fix that
+        await self._libvirt_tls()
         await self.spool.open()
         await self.journal.open()
         try:
@@ -123,22 +133,62 @@ class Agent:
 
     async def _lease(self) -> None:
         """Self-fencing: cut off from the broker past ``orders.lease_s``, pause the guests
-        (once per outage); they resume when the aggregator orders them started."""
+        (once per outage); they resume when the aggregator orders them started. The time of
+        the last contact is kept in the journal, so an outage counts across restarts."""
         lease = self.config.orders.lease_s
         if not lease:
             return
-        fenced = False
+        last = await self.journal.last_contact()
+        offline_before = max(0.0, time.time() - last) if last is not None else 0.0
+        connected_since_start = fenced = False
+        touched = -CONTACT_EVERY_S
         while not self.stop.is_set():
-            down = self.uplink.down_since
+            down, now = self.uplink.down_since, time.monotonic()
             if down is None:
-                fenced = False
-            elif not fenced and time.monotonic() - down > lease:
-                fenced = True
-                paused = await self.orders.fence()
-                log.warning("cut off for more than %.0f s: paused %d guest(s) until the"
-                            " aggregator says otherwise", lease, paused)
+                connected_since_start, fenced = True, False
+                if now - touched >= CONTACT_EVERY_S:
+                    touched = now
+                    await self.journal.touch_contact(time.time())
+            else:
+                cut_off = now - down + (0.0 if connected_since_start else offline_before)
+                if not fenced and cut_off > lease:
+                    fenced = True
+                    paused = await self.orders.fence()
+                    log.warning("cut off for more than %.0f s: paused %d guest(s) until the"
+                                " aggregator says otherwise", lease, paused)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=min(1.0, lease / 4))
+
+    async def _libvirt_tls(self) -> None:
+        """libvirt's and QEMU's TLS files from this node's certificate, and libvirtd told to
+        reload them: live migration between nodes runs on the fleet's own CA. Only for a
+        node that takes migrations over TLS; a failure is logged (migration fails, the
+        rest goes on)."""
+        lv, c = self.config.libvirt, self.config.broker
+        if not lv.migration_address or lv.migration_transport != "tls":
+            return
+        try:
+            group = grp.getgrnam(QEMU_GROUP).gr_gid if os.geteuid() == 0 else None
+        except KeyError:
+            group = None
+
+        def write() -> str | None:
+            ca, cert, key = c.ca_file.read_text(), c.cert_file.read_text(), c.key_file.read_text()
+            libvirttls.write_tls_files(lv.tls_dir, ca_pem=ca, cert_pem=cert, key_pem=key,
+                                       layout="system")
+            libvirttls.write_tls_files(lv.tls_dir / "qemu", ca_pem=ca, cert_pem=cert,
+                                       key_pem=key, layout="qemu", key_group=group)
+            return libvirttls.reload_tls(lv.admin_uri)
+
+        try:
+            failed = await asyncio.to_thread(write)
+        except (OSError, ValueError) as exc:
+            log.error("cannot write libvirt's TLS files under %s: %s", lv.tls_dir, exc)
+            return
+        if failed:
+            log.error("libvirtd did not reload its TLS files: %s", failed)
+        else:
+            log.info("libvirt's TLS files under %s are this node's certificate", lv.tls_dir)
 
     async def _keep_identity(self) -> None:
         try:

@@ -198,3 +198,23 @@ def vm_name_from_metadata(xml: str) -> str | None:
         return None
     vm = root.find(f"metadata/{{{NAMESPACE}}}vm")
     return None if vm is None else vm.get("name")
+
+
+def retarget(xml: str, paths: dict[str, str]) -> str:
+    """A guest's (migratable) XML with each of its file paths that is a key of ``paths``
+    replaced by that key's value, wherever it appears as an attribute value or an element's
+    text (disk sources, kernel, initrd, serial and console logs): the document a destination
+    host takes the guest with, its own files in place of the source's. Every new path must
+    be absolute and plain printable ASCII."""
+    for key, value in paths.items():
+        _path("paths", Path(value))
+        if not key:
+            raise DomainSpecError("paths", "an empty path cannot be replaced")
+    root = ET.fromstring(xml)  # noqa: S314 - from our own libvirtd, not the network
+    for el in root.iter():
+        for name, value in el.attrib.items():
+            if value in paths:
+                el.set(name, paths[value])
+        if el.text is not None and el.text.strip() in paths:
+            el.text = paths[el.text.strip()]
+    return ET.tostring(root, encoding="unicode") + "\n"

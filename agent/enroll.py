@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -90,6 +91,12 @@ class EnrollOptions:
     force: bool = False
     domain_type: str = "auto"  # or kvm, qemu: the guests' domain type
     group: str = ""  # the service's group: may read the key (0640) and the other files
+    # Live migration (see [libvirt] in packaging/agent.toml): where peers' libvirtd reach this
+    # node's (goes into the certificate as a subjectAltName), how, and libvirt's TLS files.
+    migration_address: str = ""
+    migration_transport: str = "tls"
+    tls_dir: Path = Path("/etc/pki")
+    admin_uri: str = "libvirtd:///system"
 
 
 def default_node_id() -> str:
@@ -243,6 +250,14 @@ def _hand_to_group(directory: Path, group: str) -> None:
         os.chmod(path, 0o640 if path.name == "node.key" else 0o644)
 
 
+def _alt_name(address: str) -> x509.GeneralName:
+    """The migration address as a subjectAltName: an IP address, else a DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(address))
+    except ValueError:
+        return x509.DNSName(address)
+
+
 def enroll(opts: EnrollOptions) -> Path:
     """Enroll this node; returns the path of the agent config written."""
     try:
@@ -273,11 +288,12 @@ def enroll(opts: EnrollOptions) -> Path:
         inventory = asyncio.run(_inventory(check_uri, profile.name))
 
         key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, opts.node_id)]))
-            .sign(key, hashes.SHA256())
-        )
+        builder = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, opts.node_id)]))
+        if opts.migration_address:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [_alt_name(opts.migration_address)]), critical=False)
+        csr = builder.sign(key, hashes.SHA256())
         base_url = opts.aggregator.rstrip("/")
         pinned = pinned_ca(base_url, opts.ca_fingerprint)
         tls = None
@@ -330,7 +346,10 @@ def enroll(opts: EnrollOptions) -> Path:
                            "ca_file": opts.config_dir / "ca.crt",
                            "cert_file": opts.config_dir / "node.crt",
                            "key_file": opts.config_dir / "node.key"},
-                "libvirt": {"uri": uri, "domain_type": opts.domain_type},
+                "libvirt": {"uri": uri, "domain_type": opts.domain_type,
+                            "migration_address": opts.migration_address,
+                            "migration_transport": opts.migration_transport,
+                            "tls_dir": opts.tls_dir, "admin_uri": opts.admin_uri},
                 "telemetry": {"interval_s": opts.interval_s,
                               "spool_path": opts.state_dir / "spool.sqlite"},
                 "orders": {"signing_key_file": opts.config_dir / "order-signing.pub",

@@ -358,9 +358,15 @@ class Hypervisor:
 
         return await asyncio.to_thread(op)
 
-    async def start(self, vm_uuid: str) -> None:
-        """Start a defined guest (libvirt refuses one that already runs)."""
-        await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.create())
+    async def start(self, vm_uuid: str, *, paused: bool = False) -> None:
+        """Start a defined guest (libvirt refuses one that already runs); ``paused``: with
+        its CPUs stopped before the first instruction."""
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        await asyncio.to_thread(self._on_domain, vm_uuid, lambda dom: dom.createWithFlags(flags))
+
+    async def destroy(self, vm_uuid: str) -> None:
+        """Stop a running guest hard (one that is not running is fine)."""
+        await asyncio.to_thread(self._on_domain, vm_uuid, _destroy)
 
     async def shutdown(self, vm_uuid: str, timeout_s: float) -> bool:
         """Ask the guest to power off (ACPI power button, or the guest agent if it has one),
@@ -453,45 +459,56 @@ class Hypervisor:
         *,
         live: bool = True,
         copy_storage: bool = False,
+        incremental: bool = False,
         dest_xml: str | None = None,
         data_uri: str | None = None,
         max_downtime_ms: int | None = None,
         bandwidth_mib_s: int | None = None,
         auto_converge: bool = False,
+        postcopy: bool = False,
+        tls: bool = False,
         timeout_s: float | None = None,
         progress: Callable[[MigrationProgress], None] | None = None,
-        dest_stats_uri: str | None = None,
     ) -> MigrationResult:
         """Move a running guest to the libvirtd at ``dest_uri``, peer to peer (this host's
         libvirtd connects there itself), defining it there and removing it here.
 
         ``live``: the guest runs while its memory is copied (else it is paused for the copy).
-        ``copy_storage``: copy its disks too (non-shared storage; libvirt creates each target
-        in the destination's storage pool that holds its path). ``dest_xml``: the guest's
-        XML for the destination, with the destination's own paths (start from
-        :meth:`migratable_xml`); it is the persistent definition there too. ``data_uri``:
-        where QEMU sends the data (``tcp://host``), if not where the destination says.
-        ``max_downtime_ms``, ``bandwidth_mib_s``, ``auto_converge``: QEMU's limits for the
-        copy. Never post-copy. ``progress`` is called on the loop with the job's figures
-        every :data:`MIGRATION_POLL_S` while it runs.
+        ``copy_storage``: copy its disks too (non-shared storage); ``incremental``: only their
+        top layer (the destination has the same backing images). Each target must exist at
+        the destination, or be creatable in the storage pool that holds its path.
+        ``dest_xml``: the guest's XML for the destination, with the destination's own paths
+        (start from :meth:`migratable_xml`); it is the persistent definition there too.
+        ``data_uri``: where QEMU sends the data (``tcp://host``), if not where the
+        destination says. ``max_downtime_ms``, ``bandwidth_mib_s``, ``auto_converge``:
+        QEMU's limits for the copy. ``postcopy``: switch to post-copy once the first pass
+        over memory is done (the guest then runs at the destination while the rest of its
+        memory follows; a network failure then loses the guest); never without it.
+        ``tls``: QEMU sends the data over TLS too (``VIR_MIGRATE_TLS``; its certificates
+        in libvirt's ``/etc/pki/qemu``). ``progress`` is called on the loop with the job's
+        figures every
+        :data:`MIGRATION_POLL_S` while it runs.
 
         Past ``timeout_s`` the job is aborted and :class:`MigrationTimeoutError` raised: the
         guest keeps running here (unless the job was already finishing; then it completes
         and the result is returned). Cancelling the call aborts the job the same way.
 
-        The result's downtime and memory figures are the completed job's as the destination
-        has them, read at ``dest_stats_uri`` (default ``dest_uri``: give the destination's
-        address as this process reaches it, if that differs). The destination does not count
-        copied disks: their size is the disk total the source last reported while it ran.
+        On success the guest is removed here after its completed job's figures (downtime,
+        memory, iterations) are read; disks are counted from the last figures while it ran.
         """
-        flags = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
-                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        # The source's definition is kept until its completed job's figures are read.
+        flags = libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
         if live:
             flags |= libvirt.VIR_MIGRATE_LIVE
         if copy_storage:
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+            flags |= (libvirt.VIR_MIGRATE_NON_SHARED_INC if incremental
+                      else libvirt.VIR_MIGRATE_NON_SHARED_DISK)
         if auto_converge:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if postcopy:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if tls:
+            flags |= libvirt.VIR_MIGRATE_TLS
         params: dict[str, Any] = {}
         if dest_xml is not None:
             params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
@@ -522,7 +539,7 @@ class Hypervisor:
 
         started = time.monotonic()
         call = asyncio.ensure_future(asyncio.to_thread(op))
-        aborted = False
+        aborted = switched = False
         last: MigrationProgress | None = None
         figures: MigrationProgress | None = None
         try:
@@ -541,6 +558,12 @@ class Hypervisor:
                         last = figures
                         if progress is not None:
                             progress(figures)
+                        if postcopy and not switched and (figures.memory_iteration or 0) >= 2:
+                            switched = True
+                            with contextlib.suppress(HypervisorError):
+                                await asyncio.to_thread(
+                                    self._on_domain, vm_uuid,
+                                    lambda dom: dom.migrateStartPostCopy(0))
         except BaseException:  # cancelled (or progress raised): the guest stays here
             if not call.done():
                 await asyncio.shield(self._abort_job(vm_uuid))
@@ -556,9 +579,27 @@ class Hypervisor:
                     f"migration aborted after {timeout_s:g} s: {exc}", exc.code, timeout_s
                 ) from None
             raise
-        stats = await asyncio.to_thread(
-            _completed_job_stats, dest_stats_uri or dest_uri, vm_uuid)
+        stats = await asyncio.to_thread(self._completed_then_undefine, vm_uuid)
         return migration_result(duration_ms, stats, last)
+
+    def _completed_then_undefine(self, vm_uuid: str) -> dict[str, Any]:
+        """The guest moved away: its completed job's figures, then its definition here gone."""
+        try:
+            dom = self._conn.lookupByUUIDString(vm_uuid)
+        except libvirt.libvirtError:
+            return {}
+        stats: dict[str, Any] = {}
+        with contextlib.suppress(libvirt.libvirtError):
+            got = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            stats = dict(got) if isinstance(got, dict) else {}
+        try:
+            if not dom.isActive() and dom.isPersistent():
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise _wrap(exc) from None
+        return stats
 
     async def _abort_job(self, vm_uuid: str) -> None:
         """Abort the guest's running job; one that already ended is fine."""
@@ -701,23 +742,6 @@ def guest_sample(uuid: str, name: str, stats: dict[str, Any]) -> GuestSample:
     )
 
 
-def _completed_job_stats(uri: str, vm_uuid: str) -> dict[str, Any]:
-    """The completed job's stats of a guest at ``uri`` (empty if they cannot be read)."""
-    try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError:
-        return {}
-    try:
-        stats = conn.lookupByUUIDString(vm_uuid).jobStats(
-            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        return dict(stats) if isinstance(stats, dict) else {}
-    except libvirt.libvirtError:
-        return {}
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
-
-
 def migration_progress(stats: dict[str, Any]) -> MigrationProgress | None:
     """A running job's ``jobStats`` as figures; None when no job runs."""
     if _int(stats, "type") in (None, libvirt.VIR_DOMAIN_JOB_NONE):
@@ -741,9 +765,9 @@ def migration_progress(stats: dict[str, Any]) -> MigrationProgress | None:
 
 def migration_result(duration_ms: int, stats: dict[str, Any],
                      last: MigrationProgress | None = None) -> MigrationResult:
-    """A migration's result from its wall time, the completed job's stats on the destination
-    (may be empty) and the source's last figures while it ran (for the disks, which the
-    destination does not count: a migration that succeeded copied the whole disk total)."""
+    """A migration's result from its wall time, the completed job's stats (may be empty) and
+    the last figures while it ran (for the disks, which the completed job does not count: a
+    migration that succeeded copied the whole disk total)."""
     memory = _int(stats, "memory_processed")
     disk = _int(stats, "disk_processed") or None
     if disk is None and last is not None:

@@ -62,8 +62,10 @@ def expired_message(node: str, not_after: float) -> str:
 
 class Identity:
     def __init__(self, node: str, cert: Path, key: Path, ca: Path,
-                 append_event: Callable[[Callable[[int], bytes]], Awaitable[None]]) -> None:
+                 append_event: Callable[[Callable[[int], bytes]], Awaitable[None]],
+                 on_installed: Callable[[], Awaitable[None]] | None = None) -> None:
         self._node = node
+        self._on_installed = on_installed
         self._cert, self._key, self._ca = cert, key, ca
         self._append_event = append_event
         self._answers: asyncio.Queue[Certificate] = asyncio.Queue(maxsize=16)
@@ -150,6 +152,8 @@ class Identity:
                                  str(installed["serial"]))
                 log.info("renewed: certificate %s valid until %s", new.serial,
                          time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(new.not_after)))
+                if self._on_installed is not None:
+                    await self._on_installed()
                 return new
             if not stop.is_set():
                 log.warning("no certificate came in %.0f s; asking again", wait)

@@ -105,3 +105,23 @@ async def _format(image: Path) -> str:
     if len(head) < 20 or struct.unpack(">Q", head[8:16])[0] != 0:
         raise ImageError(f"{image.name}: a qcow2 image with a backing file is not used")
     return "qcow2"
+
+
+async def backing_file(disk: Path) -> str | None:
+    """The backing file a qcow2 disk of ours names, or None (raw, or no backing file)."""
+    def read() -> str | None:
+        with disk.open("rb") as fh:
+            head = fh.read(20)
+            if head[:4] != b"QFI\xfb" or len(head) < 20:
+                return None
+            offset = struct.unpack(">Q", head[8:16])[0]
+            size = struct.unpack(">I", head[16:20])[0]
+            if not offset or not 0 < size <= 1023:
+                return None
+            fh.seek(offset)
+            return fh.read(size).decode(errors="replace")
+
+    try:
+        return await asyncio.to_thread(read)
+    except OSError as exc:
+        raise ImageError(f"{disk}: {exc.strerror}") from None

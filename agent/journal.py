@@ -5,7 +5,11 @@ A SQLite file of its own in the state directory, used from one worker thread. Ac
 order records it and the node's highest order number in one transaction, so a replayed number
 is refused even after a restart, and an order killed half-way is found and finished at the
 next start. The desired state is what the node restores after a host reboot with the uplink
-down: the VMs that should run, and only those.
+down: the VMs that should run, and only those. Its states: ``running``, ``stopped``,
+``incoming`` (a VM this node prepared to receive: never started from here), ``fenced`` (paused
+by the node itself, cut off past its lease: it may run elsewhere now, so only an order
+resumes it). The time of the last contact with the aggregator is kept too: a node that
+restarts after a long time cut off must not start anything on its own.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS desired (
     vm_uuid TEXT PRIMARY KEY,
     spec TEXT NOT NULL,          -- the VmSpec of the order that created it, as plain JSON
-    state TEXT NOT NULL,         -- running, stopped
+    state TEXT NOT NULL,         -- running, stopped, incoming, fenced
     order_seq INTEGER NOT NULL
 );
 """
@@ -173,6 +177,46 @@ class Journal:
                 "SELECT order_id, seq, action, envelope, state, result, error FROM orders"
                 " WHERE state = 'accepted' ORDER BY seq"
             )]
+
+        return await self._run(op)
+
+    async def set_state(self, vm_uuid: str, old: str, new: str) -> bool:
+        """Move one VM's desired state from ``old`` to ``new``; False if it was not ``old``."""
+
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("UPDATE desired SET state = ? WHERE vm_uuid = ? AND state = ?",
+                              (new, vm_uuid, old)).rowcount == 1
+
+        return await self._run(op)
+
+    async def forget(self, vm_uuid: str) -> None:
+        """The VM's desired state is gone: it is no longer this node's (or never became)."""
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM desired WHERE vm_uuid = ?", (vm_uuid,))
+
+        await self._run(op)
+
+    async def last_contact(self) -> float | None:
+        """When the node last knew it was in touch with the aggregator (unix seconds)."""
+
+        def op(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT value FROM meta WHERE key = 'last_contact'").fetchone()
+            return float(row[0]) if row else None
+
+        return await self._run(op)
+
+    async def touch_contact(self, now: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO meta (key, value) VALUES ('last_contact', ?) ON CONFLICT"
+                       " (key) DO UPDATE SET value = excluded.value", (int(now),))
+
+        await self._run(op)
+
+    async def desired_of(self, vm_uuid: str) -> Desired | None:
+        def op(db: sqlite3.Connection) -> Desired | None:
+            row = db.execute("SELECT vm_uuid, spec, state FROM desired WHERE vm_uuid = ?",
+                             (vm_uuid,)).fetchone()
+            return None if row is None else Desired(row[0], json.loads(row[1]), row[2])
 
         return await self._run(op)
 

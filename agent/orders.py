@@ -19,17 +19,18 @@ import base64
 import logging
 import shutil
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import nacl.exceptions
 import nacl.signing
 
-from agent import images
-from agent.domainxml import DomainSpecError, domain_xml
-from agent.hypervisor import Hypervisor, HypervisorError
+from agent import images, libvirttls
+from agent.domainxml import DomainSpecError, domain_xml, retarget
+from agent.hypervisor import Hypervisor, HypervisorError, MigrationProgress, MigrationResult
 from agent.journal import Desired, Journal
 from agent.profiles import Reservations
 from agent.wire import (
@@ -88,6 +89,26 @@ class NodeLimits:
 
 
 @dataclass(frozen=True)
+class Migration:
+    """How this node takes part in live migration (``[libvirt]`` in agent.toml)."""
+
+    address: str = ""  # where other nodes' libvirtd reach this one's; "": none comes in
+    transport: str = "tls"  # or "tcp" (a closed lab network only)
+    tls_dir: Path = Path("/etc/pki")
+
+    def uri(self, peer: str) -> str:
+        """The libvirt URI this node's libvirtd uses to reach ``peer``'s (peer to peer); over
+        TLS it reads its client certificate from libvirt's default paths (``tls_dir``)."""
+        try:
+            return libvirttls.migration_uri(peer, transport=self.transport)
+        except libvirttls.LibvirtTlsError as exc:
+            raise Refused(f"the destination's migration address: {exc}") from None
+
+
+PROGRESS_EVERY_S: Final = 1.0  # a running migration reports its figures this often
+
+
+@dataclass(frozen=True)
 class Storage:
     images_dir: Path
     disks_dir: Path
@@ -100,8 +121,11 @@ class OrderRunner:
     def __init__(self, node: str, key: nacl.signing.VerifyKey, journal: Journal,
                  hypervisor: Callable[[], Hypervisor | None], limits: NodeLimits,
                  storage: Storage, tls: Callable[[], Any],
-                 report: Callable[[Callable[[int], bytes]], Awaitable[None]]) -> None:
+                 report: Callable[[Callable[[int], bytes]], Awaitable[None]],
+                 migration: Migration | None = None, lease_s: float = 0.0) -> None:
         self._node = node
+        self._migration = migration or Migration()
+        self._lease_s = lease_s
         self._key = key
         self._journal = journal
         self._hv = hypervisor
@@ -110,6 +134,8 @@ class OrderRunner:
         self._tls = tls
         self._report = report
         self._queue: asyncio.Queue[tuple[Order, bytes]] = asyncio.Queue(maxsize=1000)
+        self._progress_at: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._running: set[str] = set()
         self.executed = 0
 
@@ -214,13 +240,23 @@ class OrderRunner:
         hv = self._hv()
         if hv is None:
             return
+        last = await self._journal.last_contact()
+        if self._lease_s and last is not None and time.time() - last > self._lease_s:
+            # Cut off past the lease before this start: the VMs may run elsewhere by now.
+            paused = await self.fence()
+            log.warning("no contact with the aggregator since %.0f s ago (lease %.0f s):"
+                        " nothing is started, %d guest(s) paused until it says otherwise",
+                        time.time() - last, self._lease_s, paused)
+            return
         for want in await self._journal.desired():
+            if want.state not in ("running", "stopped"):  # incoming: not ours yet; fenced:
+                continue  # it may run elsewhere now, only an order brings it back
             try:
                 state = await hv.state(want.vm_uuid)
                 if state is None and want.spec:  # the host lost it (e.g. a fresh host)
                     await self._define(hv, VmSpecFrom(want.spec))
                     state = await hv.state(want.vm_uuid)
-                if want.state == "running" and state not in (None, "running"):
+                if want.state == "running" and state in ("shut off", "crashed"):
                     log.info("starting %s: it should run", want.vm_uuid)
                     await hv.start(want.vm_uuid)
             except (HypervisorError, DomainSpecError, images.ImageError) as exc:
@@ -236,11 +272,15 @@ class OrderRunner:
         desired: Desired | None = None
         forget = ""
         try:
-            if order.action == "create":
+            if order.action in ("create", "receive"):
                 if order.vm is None:
-                    raise Refused("a create order without a VM spec")
-                result = await self._create(hv, order.vm)
-                desired = Desired(uuid, to_plain(order.vm), "running")
+                    raise Refused(f"a {order.action} order without a VM spec")
+                if order.action == "create":
+                    result = await self._create(hv, order.vm)
+                    desired = Desired(uuid, to_plain(order.vm), "running")
+                else:
+                    result = await self._receive(hv, order.vm, str(order.params.get("mode")))
+                    desired = Desired(uuid, to_plain(order.vm), "incoming")
             elif not uuid:
                 raise Refused("no vm_uuid")
             elif order.action == "start":
@@ -259,7 +299,16 @@ class OrderRunner:
             elif order.action == "reboot":
                 await hv.reboot(uuid)
                 result = {"state": await hv.state(uuid) or "gone"}
-            else:  # delete
+            elif order.action == "migrate":
+                result = await self._migrate(hv, order)
+                shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
+                forget = uuid
+            elif order.action == "adopt":
+                result, state = await self._adopt(hv, uuid, order.params)
+                desired = Desired(uuid, {}, state)
+            elif order.action == "release":
+                result = await self._release(hv, uuid)
+            else:  # delete, evict: gone from this node
                 existed = await hv.undefine(uuid)
                 shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
                 forget = uuid
@@ -294,6 +343,144 @@ class OrderRunner:
                 raise
         return {"state": await hv.state(spec.uuid) or "gone"}
 
+    # --- moving VMs between nodes ----------------------------------------------------------
+
+    async def _receive(self, hv: Hypervisor, spec: VmSpec, mode: str) -> dict[str, Any]:
+        """The destination's side first: check the VM may and can come here, and prepare its
+        files (images fetched, an empty disk on the same base). It is ``incoming`` until
+        adopted: never started from here."""
+        want = await self._journal.desired_of(spec.uuid)
+        if want is not None and want.state != "incoming":
+            raise Refused("the VM is on this node already")
+        if want is None and await hv.state(spec.uuid) is not None:
+            raise Refused("a guest with the VM's id is defined on this node already")
+        if mode == "live" and not self._migration.address:
+            raise Refused("this node takes no live migrations: its [libvirt]"
+                          " migration_address is not set")
+        await self._check_limits(hv, spec)
+        files = await self._prepare(hv, spec)
+        return {"address": self._migration.address, "domain_type": files.domain_type,
+                **{k: str(v) for k, v in files.paths().items()}}
+
+    async def _migrate(self, hv: Hypervisor, order: Order) -> dict[str, Any]:
+        """The source's side: check the destination the order names against the VM's own
+        residency policy (as this node recorded it), then move it there peer to peer."""
+        p = order.params
+        uuid = str(p.get("vm_uuid", ""))
+        dest, mode = str(p.get("dest", "")), str(p.get("mode", "live"))
+        if dest == self._node:
+            raise Refused("the destination is this node")
+        want = await self._journal.desired_of(uuid)
+        spec = want.spec if want is not None else {}
+        for key, what in (("countries", "country"), ("providers", "provider")):
+            allowed, there = list(spec.get(key) or ()), str(p.get(f"dest_{what}", ""))
+            if allowed and there not in allowed:
+                raise Refused(f"the destination {dest} has {what} {there or 'unknown'}; the"
+                              f" VM allows only {', '.join(allowed)}")
+        state = await hv.state(uuid)
+        if state is None:
+            raise Refused("the VM is not on this node")
+        xml = await hv.domain_xml(uuid)
+        here = _files_of(xml)
+        mapping = {path: str(p.get(role, "")) for role, path in here.items()}
+        missing = [role for role, new in mapping.items() if not new]
+        if missing:
+            raise Refused(f"the destination gave no path for the VM's {', '.join(missing)}")
+        disk = here.get("disk")
+        backing = disk is not None and await images.backing_file(Path(disk)) is not None
+
+        def report(figures: MigrationProgress) -> None:
+            self._progress(order.order_id, figures)
+
+        started = time.monotonic()
+        moved: MigrationResult | None = None
+        if mode == "live":
+            if state not in ("running", "paused"):
+                raise Refused(f"the VM is {state}: a live migration needs it running")
+            ours, theirs = ET.fromstring(xml).get("type"), str(p.get("domain_type", ""))  # noqa: S314
+            if theirs != ours:
+                raise Refused(f"the destination runs {theirs or 'unknown'} guests, this VM is"
+                              f" a {ours} guest")
+            moved = await hv.migrate(
+                uuid, self._migration.uri(str(p.get("address", ""))), live=True,
+                copy_storage=disk is not None, incremental=backing,
+                dest_xml=retarget(await hv.migratable_xml(uuid), mapping), **_limits(p),
+                tls=self._migration.transport == "tls", progress=report)
+        else:  # cold: stopped here, its disk copied, defined and started there
+            if state not in ("shut off", "crashed"):
+                await hv.shutdown(uuid, self._storage.shutdown_timeout_s)
+            if disk is not None:
+                # The copy goes the way a migration's does: the guest, started paused (it
+                # runs no instruction), moves with its disk; the destination starts it anew.
+                await hv.start(uuid, paused=True)
+                try:
+                    moved = await hv.migrate(
+                        uuid, self._migration.uri(str(p.get("address", ""))), live=False,
+                        copy_storage=True, incremental=backing,
+                        dest_xml=retarget(await hv.migratable_xml(uuid), mapping),
+                        **_limits(p), tls=self._migration.transport == "tls",
+                        progress=report)
+                except BaseException:
+                    if hv.alive() and await hv.state(uuid) not in (None, "shut off"):
+                        await hv.destroy(uuid)  # back to how it was: stopped, here
+                    raise
+            else:
+                await hv.undefine(uuid)  # nothing to copy: the destination defines it anew
+        result: dict[str, Any] = {"mode": mode, "dest": dest}
+        if moved is not None:
+            result.update({k: v for k, v in (
+                ("downtime_ms", moved.downtime_ms), ("duration_ms", moved.duration_ms),
+                ("transferred_bytes", moved.transferred_bytes),
+                ("memory_bytes", moved.memory_bytes), ("disk_bytes", moved.disk_bytes),
+                ("memory_iterations", moved.memory_iterations)) if v is not None})
+        else:
+            result["duration_ms"] = round((time.monotonic() - started) * 1000)
+            result["transferred_bytes"] = 0
+        return result
+
+    def _progress(self, order_id: str, figures: MigrationProgress) -> None:
+        now = time.monotonic()
+        if now - self._progress_at.get(order_id, 0.0) < PROGRESS_EVERY_S:
+            return
+        self._progress_at[order_id] = now
+        plain = {k: v for k, v in to_plain(figures).items() if v is not None}
+        task = asyncio.ensure_future(self._send(order_id, "progress", plain, ""))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _adopt(self, hv: Hypervisor, uuid: str, params: dict[str, Any]
+                     ) -> tuple[dict[str, Any], str]:
+        """The destination takes the VM over: it is this node's from now on. After a cold
+        move it is defined here (if its disk did not bring the definition) and booted."""
+        want = await self._journal.desired_of(uuid)
+        if want is None:
+            raise Refused("this node did not prepare to receive the VM")
+        state = await hv.state(uuid)
+        if str(params.get("mode")) == "live":
+            if state is None:
+                raise Refused("the VM has not arrived on this node")
+            return {"state": state}, "running"
+        if state not in (None, "shut off", "crashed"):
+            await hv.destroy(uuid)  # arrived paused with its disk: it boots afresh
+        if state is None and want.spec:
+            await self._define(hv, VmSpecFrom(want.spec))
+        start = bool(params.get("start"))
+        if start:
+            await hv.start(uuid)
+        return {"state": await hv.state(uuid) or "gone"}, "running" if start else "stopped"
+
+    async def _release(self, hv: Hypervisor, uuid: str) -> dict[str, Any]:
+        """A move here failed (or its outcome is unknown): drop what was prepared, unless the
+        VM did arrive; then say so, and keep it."""
+        state = await hv.state(uuid)
+        if state is not None:
+            return {"present": True, "state": state}
+        want = await self._journal.desired_of(uuid)
+        if want is not None and want.state == "incoming":
+            await self._journal.forget(uuid)
+            shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
+        return {"present": False}
+
     async def _check_limits(self, hv: Hypervisor, spec: VmSpec) -> None:
         lim = self._limits
         if spec.countries and lim.country not in spec.countries:
@@ -317,7 +504,8 @@ class OrderRunner:
         if used_cpus + spec.vcpus > cpus:
             raise Refused(f"not enough CPUs: {spec.vcpus} asked, {cpus - used_cpus:g} free")
 
-    async def _define(self, hv: Hypervisor, spec: VmSpec) -> None:
+    async def _prepare(self, hv: Hypervisor, spec: VmSpec) -> Files:
+        """The VM's images fetched and its directory and disk made (kept if there)."""
         st = self._storage
         home = st.disks_dir / spec.uuid
         fetched: dict[str, Path] = {}
@@ -326,38 +514,43 @@ class OrderRunner:
             if name:
                 fetched[name] = await images.fetch(st.images_url, name, digest, st.images_dir,
                                                    self._tls)
-        disk: Path | None = None
         domain_type = (await hv.inventory("", "")).domain_type
         kvm = domain_type in ("kvm", "qemu")
         if kvm and st.domain_type != "auto":
             domain_type = st.domain_type
-        if kvm:
-            await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
-            if spec.image or spec.disk_gib:
-                disk = await images.make_disk(
-                    home / "disk.qcow2", fetched.get(spec.image), spec.disk_gib)
-        xml = domain_xml(
-            spec, domain_type=domain_type, disk=disk,
-            kernel=fetched.get(spec.kernel) if kvm else None,
-            initrd=fetched.get(spec.initrd) if kvm else None,
-            serial_log=home / "serial.log" if kvm else None,
-        )
+        if not kvm:
+            return Files(domain_type)
+        disk: Path | None = None
+        await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
+        if spec.image or spec.disk_gib:
+            disk = await images.make_disk(home / "disk.qcow2", fetched.get(spec.image),
+                                          spec.disk_gib)
+        return Files(domain_type, disk, fetched.get(spec.kernel), fetched.get(spec.initrd),
+                     home / "serial.log")
+
+    async def _define(self, hv: Hypervisor, spec: VmSpec) -> None:
+        files = await self._prepare(hv, spec)
+        xml = domain_xml(spec, domain_type=files.domain_type, disk=files.disk,
+                         kernel=files.kernel, initrd=files.initrd, serial_log=files.serial)
         await hv.define(xml)
 
     async def fence(self) -> int:
-        """The node is cut off past its lease: pause every guest it runs by order (the
-        aggregator may start them elsewhere). Returns how many were paused."""
+        """The node is cut off past its lease: pause every guest it runs by order, and mark
+        them fenced, so that nothing but an order starts them again (the aggregator may have
+        started them elsewhere). Returns how many were paused."""
         hv = self._hv()
-        if hv is None:
-            return 0
         paused = 0
         for want in await self._journal.desired():
+            if want.state not in ("running", "incoming"):
+                continue
             try:
-                if want.state == "running" and await hv.state(want.vm_uuid) == "running":
+                if hv is not None and await hv.state(want.vm_uuid) == "running":
                     await hv.change_state(want.vm_uuid, "suspend")
                     paused += 1
             except HypervisorError as exc:
                 log.error("cannot pause %s: %s", want.vm_uuid, exc)
+            if want.state == "running":
+                await self._journal.set_state(want.vm_uuid, "running", "fenced")
         return paused
 
     async def _send(self, order_id: str, state: str, result: dict[str, Any],
@@ -370,6 +563,54 @@ class OrderRunner:
                                  state=state, result=plain, error=error[:2000]))
 
         await self._report(make)
+
+
+@dataclass(frozen=True)
+class Files:
+    """A VM's files on this node (none for the test driver)."""
+
+    domain_type: str
+    disk: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    serial: Path | None = None
+
+    def paths(self) -> dict[str, Path]:
+        return {k: v for k, v in (("disk", self.disk), ("kernel", self.kernel),
+                                  ("initrd", self.initrd), ("serial", self.serial))
+                if v is not None}
+
+
+def _files_of(xml: str) -> dict[str, str]:
+    """The files a running guest uses, by role (disk, kernel, initrd, serial), from its XML."""
+    root = ET.fromstring(xml)  # noqa: S314 - from our own libvirtd
+    found: dict[str, str] = {}
+    for role, where, attr in (("kernel", "os/kernel", ""), ("initrd", "os/initrd", ""),
+                              ("disk", "devices/disk[@device='disk']/source", "file"),
+                              ("serial", "devices/serial/source", "path")):
+        el = root.find(where)
+        value = (el.get(attr) if attr else el.text) if el is not None else None
+        if value:
+            found[role] = value.strip()
+    return found
+
+
+def _limits(params: dict[str, Any]) -> dict[str, Any]:
+    """A migrate order's settings as :meth:`Hypervisor.migrate` takes them."""
+    def number(key: str) -> Any:
+        value = params.get(key)
+        return value if isinstance(value, int | float) and not isinstance(value, bool) \
+            and value > 0 else None
+
+    downtime, bandwidth = number("max_downtime_ms"), number("bandwidth_mib_s")
+    return {"max_downtime_ms": int(downtime) if downtime else None,
+            "bandwidth_mib_s": int(bandwidth) if bandwidth else None,
+            "auto_converge": params.get("auto_converge") is True,
+            "postcopy": params.get("postcopy") is True,
+            "timeout_s": float(number("timeout_s") or DEFAULT_MIGRATION_TIMEOUT_S)}
+
+
+DEFAULT_MIGRATION_TIMEOUT_S: Final = 600.0
 
 
 def VmSpecFrom(plain: dict[str, Any]) -> VmSpec:

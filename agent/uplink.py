@@ -42,6 +42,7 @@ class UplinkSettings:
     interval_s: float
     batch: int = 200
     window: int = 50
+    lease_s: float = 0.0  # told to the aggregator in the status
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rand: float) -> float:
@@ -80,6 +81,7 @@ class Uplink:
                 ts=time.time(),
                 interval_s=self._s.interval_s,
                 inventory=inventory,
+                lease_s=self._s.lease_s,
             )
         )
 

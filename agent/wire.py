@@ -181,6 +181,9 @@ class Status:
     ts: float
     interval_s: float = 0.0
     inventory: Inventory | None = None
+    # The node pauses its guests after this long cut off from the aggregator (0: never);
+    # the aggregator restarts them elsewhere only after it, plus a grace period.
+    lease_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +250,14 @@ class VmSpec:
     providers: tuple[str, ...] = ()
 
 
-ORDER_ACTIONS: Final = ("create", "start", "stop", "reboot", "delete")
+ORDER_ACTIONS: Final = (
+    "create", "start", "stop", "reboot", "delete",
+    # Moving a VM between nodes: the destination checks and prepares (``receive``), the
+    # source moves it there (``migrate``), the destination takes it over (``adopt``) or
+    # drops what it prepared after a failed move (``release``). ``evict``: a node that was
+    # lost and came back removes a VM that was restarted elsewhere meanwhile.
+    "receive", "migrate", "adopt", "release", "evict",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +280,8 @@ class Order:
 @dataclass(frozen=True, slots=True)
 class Report:
     """A node's account of an order: ``accepted`` (journaled), then ``succeeded`` or
-    ``failed``; ``refused`` when it will not run it (bad signature, replay, expired, limits)."""
+    ``failed``; ``refused`` when it will not run it (bad signature, replay, expired, limits).
+    ``progress`` reports come while a long order (a migration) runs: figures so far."""
 
     TYPE: typing.ClassVar[str] = "report"
     node: str

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.profiles import Profile
-from aggregator import audit, auth, images, orders, queries, residency, trust, vms
+from aggregator import audit, auth, images, moves, orders, queries, residency, trust, vms
 from aggregator.auth import ROLES
 from aggregator.enrollment import (
     EnrollmentError,
@@ -474,6 +474,90 @@ def _vm_action(action: str) -> Handler:
     return handler
 
 
+def _move_context(svc: Services) -> moves.Context:
+    return moves.Context(_signer(svc), svc.profiles, _live(svc), svc.order_ttl_s)
+
+
+async def _object_body(request: web.Request) -> dict[str, Any]:
+    """A JSON object body; an empty body is ``{}``."""
+    if not request.can_read_body:
+        return {}
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    return body
+
+
+async def migrate_vm(request: web.Request) -> web.Response:
+    svc, ref = _svc(request), request.match_info["id"]
+    body = await _object_body(request)
+    settings = moves.MoveSettings.from_json(body)
+    to = body.get("to") or ""
+    if not isinstance(to, str):
+        raise ApiError(400, "invalid_request", "to must be a node id")
+    ctx, now, actor = _move_context(svc), time.time(), _actor(request)
+    result = await svc.store.write(lambda db: moves.start(
+        db.conn, ctx, vms.resolve(db.conn, ref), to, settings, now, actor))
+    svc.orders_changed()
+    return web.json_response(result, status=202)
+
+
+async def list_moves(request: web.Request) -> web.Response:
+    q = request.query
+    state = q.get("state", "")
+    allowed = ("open", *moves.OPEN_STATES, "succeeded", "failed")
+    if state and state not in allowed:
+        raise ApiError(400, "invalid_query", f"state must be one of {', '.join(allowed)}")
+    limit = _limit(q.get("limit", "200"))
+    ref = q.get("vm", "")
+
+    def read(c: Any) -> list[dict[str, Any]]:
+        vm_id = vms.resolve(c, ref) if ref else ""
+        return moves.list_moves(c, vm_id, state, limit)
+
+    return web.json_response({"moves": await _svc(request).store.read(read)})
+
+
+async def get_move(request: web.Request) -> web.Response:
+    move_id = request.match_info["id"]
+    found = await _svc(request).store.read(lambda c: moves.get(c, move_id))
+    if found is None:
+        raise ApiError(404, "not_found", f"no move {move_id!r}")
+    return web.json_response(found)
+
+
+async def drain_node(request: web.Request) -> web.Response:
+    svc, node_id = _svc(request), _node_id(request)
+    body = await _object_body(request)
+    settings = moves.MoveSettings.from_json(body, modes=("auto", "live", "cold"))
+    parallel = body.get("parallel", 2)
+    if isinstance(parallel, bool) or not isinstance(parallel, int):
+        raise ApiError(400, "invalid_request", "parallel must be an integer")
+    ctx, now, actor = _move_context(svc), time.time(), _actor(request)
+    result = await svc.store.write(lambda db: moves.drain(
+        db.conn, ctx, node_id, settings, parallel, now, actor))
+    svc.orders_changed()
+    return web.json_response(result, status=202)
+
+
+async def get_drain(request: web.Request) -> web.Response:
+    node_id = _node_id(request)
+    found = await _svc(request).store.read(lambda c: moves.drain_json(c, node_id))
+    if found is None:
+        raise ApiError(404, "not_found", f"node {node_id!r} has not been drained")
+    return web.json_response(found)
+
+
+def _limit(raw: str) -> int:
+    try:
+        limit = int(raw)
+        if not 1 <= limit <= 10000:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "invalid_query", "limit must be an integer from 1 to 10000") from None
+    return limit
+
+
 async def vm_residency(request: web.Request) -> web.Response:
     ref = request.match_info["id"]
 
@@ -499,12 +583,7 @@ async def list_orders(request: web.Request) -> web.Response:
     if state and state not in (*orders.OPEN, *orders.FINAL):
         raise ApiError(400, "invalid_query",
                        f"state must be one of {', '.join((*orders.OPEN, *orders.FINAL))}")
-    try:
-        limit = int(q.get("limit", "200"))
-        if not 1 <= limit <= 10000:
-            raise ValueError
-    except ValueError:
-        raise ApiError(400, "invalid_query", "limit must be an integer from 1 to 10000") from None
+    limit = _limit(q.get("limit", "200"))
     node, vm = q.get("node", ""), q.get("vm", "")
     found = await _svc(request).store.read(
         lambda c: orders.list_orders(c, node, vm, state, limit))
@@ -536,6 +615,20 @@ _VM_BODY: dict[str, Any] = {
     },
 }
 _OPERATE = ("admin", "operator")
+_MOVE_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "to": {"type": "string", "description": "the destination node (default: placement)"},
+        "mode": {"type": "string", "enum": ["live", "cold"]},
+        "max_downtime_ms": {"type": "integer", "minimum": 1, "default": 500},
+        "bandwidth_mib_s": {"type": "integer", "minimum": 0, "default": 0,
+                            "description": "0: no limit"},
+        "auto_converge": {"type": "boolean", "default": True},
+        "postcopy": {"type": "boolean", "default": False},
+        "timeout_s": {"type": "integer", "minimum": 1, "default": 300,
+                      "description": "past it the migration is aborted; the VM stays"},
+    },
+}
 _VM_404 = {404: "no such VM"}
 
 _NODE_404 = {404: "no such node"}
@@ -591,6 +684,16 @@ ROUTES: tuple[Route, ...] = (
           responses=_NODE_404),
     Route("POST", "/api/v1/nodes/{id}/uncordon", _cordon(False), ("admin", "operator"),
           "Uncordon a node: placement may use it again", responses=_NODE_404),
+    Route("POST", "/api/v1/nodes/{id}/drain", drain_node, ("admin", "operator"),
+          "Drain a node: cordon it and move every VM off (live where possible), a few at a"
+          " time", body={**_MOVE_BODY, "properties": {
+              **_MOVE_BODY["properties"], "mode": {"type": "string",
+                                                   "enum": ["auto", "live", "cold"]},
+              "parallel": {"type": "integer", "minimum": 1, "maximum": 32}}},
+          responses={202: "draining (see GET /api/v1/nodes/{id}/drain)", **_NODE_404}),
+    Route("GET", "/api/v1/nodes/{id}/drain", get_drain, ALL_ROLES,
+          "The node's latest drain: each VM moved, moving, waiting or failed (and why)",
+          responses={404: "the node has not been drained"}),
     Route("GET", "/api/v1/audit", audit_events, ("admin", "operator"),
           "The audit trail: enrollments, renewals, revocations, token use, newest first",
           query=(("since", "from this time (unix seconds or ISO 8601)"),
@@ -634,6 +737,21 @@ ROUTES: tuple[Route, ...] = (
           responses={202: "ordered", **_VM_404}),
     Route("POST", "/api/v1/vms/{id}/reboot", _vm_action("reboot"), _OPERATE, "Reboot a VM",
           responses={202: "ordered", **_VM_404}),
+    Route("POST", "/api/v1/vms/{id}/migrate", migrate_vm, _OPERATE,
+          "Move a VM to another node: live (default) or cold, to the node named or where"
+          " placement picks under the VM's policy; both nodes check the move",
+          body=_MOVE_BODY,
+          responses={202: "the move has begun (see GET /api/v1/moves/{id})", **_VM_404,
+                     409: "the VM cannot move now, or no node can take it (with reasons)"}),
+    Route("GET", "/api/v1/moves", list_moves, ALL_ROLES, "Moves of VMs, newest first",
+          query=(("vm", "a VM's id or name"),
+                 ("state", "open, preparing, migrating, adopting, releasing, succeeded or"
+                           " failed"),
+                 ("limit", "1-10000 (default 200)")),
+          responses={400: "bad query"}),
+    Route("GET", "/api/v1/moves/{id}", get_move, ALL_ROLES,
+          "One move: its step, the migration's progress while it runs, its result (downtime,"
+          " duration, bytes) and its orders", responses={404: "no such move"}),
     Route("GET", "/api/v1/vms/{id}/residency", vm_residency, ALL_ROLES,
           "Where the VM and its disks lived, hash-chained and checked on every read",
           responses=_VM_404),

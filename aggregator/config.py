@@ -100,10 +100,15 @@ class OrdersConfig:
     # Unanswered orders are published again with backoff; this is how often the dispatcher
     # looks (new orders go out at once).
     dispatch_interval_s: float = 1.0
+    # A VM that asked to be restarted when its node is lost is, once the node has been silent
+    # for its own lease (it has paused its guests by then) plus this long.
+    node_loss_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.ttl_s < 5 or self.dispatch_interval_s <= 0:
             raise ValueError("ttl_s must be at least 5 and dispatch_interval_s positive")
+        if not self.node_loss_grace_s >= 0:
+            raise ValueError("node_loss_grace_s must be 0 or more")
 
 
 @dataclass(frozen=True)

@@ -260,10 +260,12 @@ class Ingest:
     visibly (counted, and recorded as a gap when the node's next number arrives)."""
 
     def __init__(self, store: Store, settings: ReceiverSettings,
-                 on_renew: Callable[[RenewRequest], None] | None = None) -> None:
+                 on_renew: Callable[[RenewRequest], None] | None = None,
+                 on_report: Callable[[], None] | None = None) -> None:
         self._store = store
         self._settings = settings
         self._on_renew = on_renew
+        self._on_report = on_report
         self.counters = IngestCounters()
         self.connected = asyncio.Event()
         self.restarts = 0
@@ -285,6 +287,8 @@ class Ingest:
                     store.ingest(StatusIn(msg, received_at, retained))
                 elif isinstance(msg, LifecycleEvent | TelemetryGap | Report):
                     store.ingest(EventIn(msg, received_at))
+                    if isinstance(msg, Report) and self._on_report is not None:
+                        self._on_report()
                 elif isinstance(msg, RenewRequest):
                     store.ingest(EventIn(msg, received_at))
                     if self._on_renew is not None and not retained:  # a request is live

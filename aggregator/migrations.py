@@ -350,6 +350,84 @@ def _m006_residency_head(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m007_moves(db: sqlite_utils.Database) -> None:
+    """Moving VMs between nodes: each move (live, cold, or a restart after its node was lost)
+    with the order it waits for; drains; VMs to remove from a lost node when it returns. A
+    move in progress holds its VM's resources on the destination (triggers, like node_usage's
+    own), so nothing else is placed into the room it needs."""
+    db.executescript(
+        """
+        ALTER TABLE nodes ADD COLUMN lease_s REAL NOT NULL DEFAULT 0;
+        ALTER TABLE vms ADD COLUMN vm_spec TEXT;        -- the VmSpec ordered, JSON
+        ALTER TABLE vms ADD COLUMN on_node_loss TEXT NOT NULL DEFAULT 'wait';  -- or restart
+        ALTER TABLE orders ADD COLUMN move_id TEXT;
+        ALTER TABLE orders ADD COLUMN progress TEXT NOT NULL DEFAULT '{}';
+        CREATE TABLE moves (
+            id TEXT PRIMARY KEY,
+            vm_id TEXT NOT NULL,
+            source TEXT NOT NULL,
+            dest TEXT NOT NULL DEFAULT '',  -- '' when no destination could be found
+            mode TEXT NOT NULL,             -- live, cold, restart
+            state TEXT NOT NULL,            -- preparing, migrating, adopting, releasing,
+                                            -- succeeded, failed
+            settings TEXT NOT NULL DEFAULT '{}',
+            step_order TEXT,                -- the order the move waits for
+            prepared TEXT NOT NULL DEFAULT '{}',  -- the destination's answer to receive
+            result TEXT NOT NULL DEFAULT '{}',
+            error TEXT NOT NULL DEFAULT '',
+            drain_id TEXT,
+            actor TEXT NOT NULL DEFAULT '',
+            vcpus INTEGER NOT NULL DEFAULT 0,     -- held on the destination while it runs
+            memory_mib INTEGER NOT NULL DEFAULT 0,
+            disk_gib INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            finished_at REAL
+        );
+        CREATE UNIQUE INDEX moves_open_vm ON moves (vm_id) WHERE finished_at IS NULL;
+        CREATE INDEX moves_open_step ON moves (step_order) WHERE finished_at IS NULL;
+        CREATE INDEX moves_vm ON moves (vm_id, created_at);
+        CREATE INDEX moves_drain ON moves (drain_id) WHERE drain_id IS NOT NULL;
+        CREATE TRIGGER moves_hold AFTER INSERT ON moves
+            WHEN NEW.finished_at IS NULL AND NEW.dest != '' BEGIN
+            INSERT INTO node_usage VALUES (NEW.dest, NEW.vcpus, NEW.memory_mib, NEW.disk_gib, 0)
+                ON CONFLICT (node_id) DO UPDATE SET vcpus = vcpus + excluded.vcpus,
+                memory_mib = memory_mib + excluded.memory_mib,
+                disk_gib = disk_gib + excluded.disk_gib;
+        END;
+        CREATE TRIGGER moves_release AFTER UPDATE OF finished_at ON moves
+            WHEN OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL AND NEW.dest != ''
+            BEGIN
+            UPDATE node_usage SET vcpus = vcpus - NEW.vcpus,
+                memory_mib = memory_mib - NEW.memory_mib, disk_gib = disk_gib - NEW.disk_gib
+                WHERE node_id = NEW.dest;
+        END;
+        CREATE TABLE drains (
+            id TEXT PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            state TEXT NOT NULL,            -- running, done, incomplete
+            parallel INTEGER NOT NULL,
+            mode TEXT NOT NULL,             -- auto, live, cold
+            settings TEXT NOT NULL DEFAULT '{}',
+            actor TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            finished_at REAL
+        );
+        CREATE UNIQUE INDEX drains_running ON drains (node_id) WHERE finished_at IS NULL;
+        CREATE INDEX drains_node ON drains (node_id, created_at);
+        CREATE TABLE evictions (
+            vm_id TEXT NOT NULL,
+            node_id TEXT NOT NULL,          -- the lost node that may still hold it
+            created_at REAL NOT NULL,
+            order_id TEXT,
+            done_at REAL,
+            PRIMARY KEY (vm_id, node_id)
+        );
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_trust", _m002_trust),
@@ -357,6 +435,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("004_placement_figures", _m004_placement_figures),
     ("005_placement_headroom", _m005_placement_headroom),
     ("006_residency_head", _m006_residency_head),
+    ("007_moves", _m007_moves),
 ]
 
 

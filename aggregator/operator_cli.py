@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from aggregator.client import ApiClient, ApiClientError
@@ -58,6 +66,10 @@ def _cmd_node(args: argparse.Namespace, console: Console) -> int:
         if not args.target:
             raise ApiClientError("usage: virt8ra node revoke NODE [--reason TEXT]")
         return _revoke(args, console)
+    if args.id == "drain":
+        if not args.target:
+            raise ApiClientError("usage: virt8ra node drain NODE [--parallel N] [--mode M]")
+        return _drain(args, console)
     if args.id in ("cordon", "uncordon"):
         if not args.target:
             raise ApiClientError(f"usage: virt8ra node {args.id} NODE [--reason TEXT]")
@@ -88,6 +100,37 @@ def _cmd_node(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]gap[/] {gap['channel']} {gap['first_seq']}..{gap['last_seq']}: "
                       f"{gap['reason']}")
     return 0
+
+
+def _drain(args: argparse.Namespace, console: Console) -> int:
+    api = _client(args)
+    body = {"parallel": args.parallel, "mode": args.mode, "timeout_s": args.timeout}
+    drain = api.post(f"/api/v1/nodes/{args.target}/drain", body)
+    console.print(f"draining {args.target} ({drain['id']}): {drain['vms_left']} VM(s),"
+                  f" {args.parallel} at a time, {args.mode}")
+    deadline = time.monotonic() + args.wait
+    shown: dict[str, str] = {}
+    while True:
+        for vm in drain["vms"]:
+            line = f"{vm['state']}" + (f" to {vm['dest']}" if vm["dest"] else "") + (
+                f" ({vm['mode']})" if vm["mode"] else "")
+            if shown.get(vm["vm"]) != line + vm["error"]:
+                shown[vm["vm"]] = line + vm["error"]
+                style = {"moved": "green", "failed": "red"}.get(vm["state"], "yellow")
+                console.print(f"  {vm['name']}: [{style}]{line}[/]"
+                              + (f": {vm['error']}" if vm["error"] else ""))
+        if drain["state"] != "running" or time.monotonic() > deadline or not args.wait:
+            break
+        time.sleep(0.5)
+        drain = api.get(f"/api/v1/nodes/{args.target}/drain")
+    if drain["state"] == "done":
+        console.print(f"[green]{args.target} is empty and cordoned[/]")
+        return 0
+    if drain["state"] == "incomplete":
+        console.print(f"[red]{args.target}: {len(drain['failed'])} VM(s) could not move[/]")
+        return 1
+    console.print(f"[yellow]{args.target}: still draining ({drain['vms_left']} left)[/]")
+    return 1 if args.wait else 0
 
 
 def _revoke(args: argparse.Namespace, console: Console) -> int:
@@ -217,6 +260,8 @@ def _wait_order(api: ApiClient, order_id: str, console: Console, timeout_s: floa
 
 
 def _cmd_vm(args: argparse.Namespace, console: Console) -> int:
+    if args.action == "migrate":
+        return _migrate(args, console)
     api = _client(args)
     if args.action == "create":
         body: dict[str, Any] = {"name": args.name, "vcpus": args.vcpus,
@@ -224,7 +269,9 @@ def _cmd_vm(args: argparse.Namespace, console: Console) -> int:
                                 "boot": {}, "placement": {
                                     "countries": args.country, "providers": args.provider,
                                     "sites": args.site, "profile": args.profile or None,
-                                    "anti_affinity": args.anti_affinity or None}}
+                                    "anti_affinity": args.anti_affinity or None},
+                                "on_node_loss": "restart" if args.restart_on_node_loss
+                                else "wait"}
         for key in ("image", "kernel", "initrd", "cmdline"):
             if getattr(args, key):
                 body["boot"][key] = getattr(args, key)
@@ -251,6 +298,79 @@ def _cmd_vm(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{args.name}: {args.action} done")
         return 0
     return _wait_order(api, done["order"], console, args.wait) if args.wait else 0
+
+
+def _migrate(args: argparse.Namespace, console: Console) -> int:
+    api = _client(args)
+    body: dict[str, Any] = {"mode": "cold" if args.cold else "live",
+                            "max_downtime_ms": args.max_downtime_ms,
+                            "bandwidth_mib_s": args.bandwidth, "timeout_s": args.timeout,
+                            "auto_converge": not args.no_auto_converge,
+                            "postcopy": args.postcopy}
+    if args.to:
+        body["to"] = args.to
+    try:
+        move = api.post(f"/api/v1/vms/{args.name}/migrate", body)
+    except ApiClientError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    console.print(f"{args.name}: {move['mode']} move {move['source']} → [bold]{move['dest']}[/]"
+                  f" ({move['move']})")
+    if not args.wait:
+        return 0
+    return _follow_move(api, move["move"], console, args.wait)
+
+
+def _follow_move(api: ApiClient, move_id: str, console: Console, timeout_s: float) -> int:
+    """Show a move's progress bar until it ends."""
+    deadline = time.monotonic() + timeout_s
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("preparing", total=None)
+        while True:
+            move = api.get(f"/api/v1/moves/{move_id}")
+            figures = move.get("progress") or {}
+            total = figures.get("data_total_bytes")
+            bar.update(task, description=f"{move['state']}"
+                       + (f" (pass {figures['memory_iteration']})"
+                          if figures.get("memory_iteration") else ""),
+                       total=total, completed=figures.get("data_processed_bytes", 0))
+            if move["finished_at"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+    if move["state"] == "succeeded":
+        r = move["result"]
+        parts = [f"{k.removesuffix('_ms')} {r[k]} ms" for k in ("duration_ms", "downtime_ms")
+                 if k in r]
+        if "transferred_bytes" in r:
+            parts.append(f"{r['transferred_bytes'] / 2**20:.1f} MiB sent")
+        console.print(f"[green]moved[/] to {move['dest']}: " + ", ".join(parts))
+        return 0
+    if move["finished_at"] is None:
+        console.print(f"[yellow]still {move['state']}[/] (virt8ra move {move_id})")
+        return 1
+    console.print(f"[red]not moved[/]: {move['error']}")
+    return 1
+
+
+def _cmd_moves(args: argparse.Namespace, console: Console) -> int:
+    api = _client(args)
+    if args.id:
+        move = api.get(f"/api/v1/moves/{args.id}")
+        print(json.dumps(move, indent=2))
+        return 0
+    query = {k: v for k, v in (("vm", args.vm), ("state", args.state)) if v}
+    found = api.get("/api/v1/moves", limit=str(args.limit), **query)["moves"]
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    for m in found:
+        m["downtime"] = m["result"].get("downtime_ms", "")
+        m["duration"] = m["result"].get("duration_ms", "")
+    _rows(console, found, ["id", "vm_name", "source", "dest", "mode", "state", "duration",
+                           "downtime", "created_at", "error"])
+    return 0
 
 
 def _cmd_orders(args: argparse.Namespace, console: Console) -> int:
@@ -331,9 +451,15 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("node", help="one node with its VMs and gaps; `node revoke NODE` cuts"
                                      " a node off the fleet")
-    sp.add_argument("id", help="a node id, or `revoke`, `cordon`, `uncordon`")
+    sp.add_argument("id", help="a node id, or `revoke`, `cordon`, `uncordon`, `drain`")
     sp.add_argument("target", nargs="?", default="", help="with an action: the node")
     sp.add_argument("--reason", default="", help="with revoke: why, for the audit trail")
+    sp.add_argument("--parallel", type=int, default=2, help="with drain: VMs moved at once")
+    sp.add_argument("--mode", default="auto", choices=["auto", "live", "cold"],
+                    help="with drain: auto = live where possible")
+    sp.add_argument("--timeout", type=int, default=300, help="with drain: per VM, seconds")
+    sp.add_argument("--wait", type=float, default=1800,
+                    help="with drain: seconds to follow it (0: don't)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_node)
 
@@ -397,6 +523,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--site", action="append", default=[], help="allowed (repeatable)")
     sp.add_argument("--profile", default="")
     sp.add_argument("--anti-affinity", default="", help="never on a node with this group")
+    sp.add_argument("--restart-on-node-loss", action="store_true",
+                    help="if its node is lost, restart it elsewhere once that is safe")
     sp.add_argument("--wait", type=float, default=60, help="seconds to wait (0: don't)")
     sp.set_defaults(func=_cmd_vm)
     for action in ("show", "start", "stop", "reboot", "delete", "residency"):
@@ -404,6 +532,27 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("name")
         sp.add_argument("--wait", type=float, default=60, help="seconds to wait (0: don't)")
         sp.set_defaults(func=_cmd_vm)
+
+    sp = vm.add_parser("migrate", help="move a VM to another node (live unless --cold)")
+    sp.add_argument("name")
+    sp.add_argument("--to", default="", help="the node (default: placement picks)")
+    sp.add_argument("--cold", action="store_true", help="stop, copy, start there")
+    sp.add_argument("--max-downtime-ms", type=int, default=500)
+    sp.add_argument("--bandwidth", type=int, default=0, help="MiB/s (0: no limit)")
+    sp.add_argument("--timeout", type=int, default=300, help="abort after this many seconds")
+    sp.add_argument("--no-auto-converge", action="store_true")
+    sp.add_argument("--postcopy", action="store_true", help="switch to post-copy after the"
+                    " first pass (a network failure then loses the VM)")
+    sp.add_argument("--wait", type=float, default=600, help="seconds to follow it (0: don't)")
+    sp.set_defaults(func=_cmd_vm)
+
+    sp = sub.add_parser("moves", help="moves of VMs, newest first; `moves ID`: one")
+    sp.add_argument("id", nargs="?", default="")
+    sp.add_argument("--vm", default="")
+    sp.add_argument("--state", default="")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_moves)
 
     sp = sub.add_parser("orders", help="orders, newest first")
     sp.add_argument("--node", default="")

@@ -25,6 +25,8 @@ from aggregator import residency
 from aggregator.pki import OrderSigner
 
 OPEN: Final = ("pending", "sent", "accepted")
+# Orders whose outcome the VM's own row follows; the rest belong to moves (aggregator.moves).
+VM_ACTIONS: Final = ("create", "start", "stop", "reboot", "delete")
 FINAL: Final = ("succeeded", "failed", "expired")
 RETRY_MIN_S, RETRY_MAX_S = 2.0, 60.0
 
@@ -45,7 +47,7 @@ def _history(conn: sqlite3.Connection, order_id: str, now: float, state: str,
 
 def issue(conn: sqlite3.Connection, signer: OrderSigner, node_id: str, vm_id: str | None,
           action: str, now: float, ttl_s: float, *, vm: VmSpec | None = None,
-          params: dict[str, Scalar] | None = None) -> str:
+          params: dict[str, Scalar] | None = None, move_id: str | None = None) -> str:
     """Number, sign and store an order; it is published by the dispatcher."""
     (seq,) = conn.execute("SELECT orders_last_seq + 1 FROM nodes WHERE id = ?",
                           (node_id,)).fetchone()
@@ -59,8 +61,9 @@ def issue(conn: sqlite3.Connection, signer: OrderSigner, node_id: str, vm_id: st
                            signature=signature, vm=vm))
     conn.execute(
         "INSERT INTO orders (id, node_id, seq, vm_id, action, payload, state, created_at,"
-        " updated_at, expires_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?,"
-        " ?, ?)", (order_id, node_id, seq, vm_id, action, payload, now, now, now + ttl_s, now),
+        " updated_at, expires_at, next_attempt_at, move_id) VALUES (?, ?, ?, ?, ?, ?, 'pending',"
+        " ?, ?, ?, ?, ?)",
+        (order_id, node_id, seq, vm_id, action, payload, now, now, now + ttl_s, now, move_id),
     )
     _history(conn, order_id, now, "pending")
     return order_id
@@ -106,7 +109,7 @@ def expire(conn: sqlite3.Connection, now: float) -> int:
         conn.execute("UPDATE orders SET state = 'expired', updated_at = ?, error = ? WHERE id = ?",
                      (now, note, order_id))
         _history(conn, order_id, now, "expired", note)
-        if vm_id:
+        if vm_id and action in VM_ACTIONS:
             _vm_order_ended(conn, vm_id, action, "expired", {}, f"{action} order {note}", now)
     return len(rows)
 
@@ -118,6 +121,11 @@ def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
     if row is None or row[3] != report.node:
         return
     state, vm_id, action, _ = row
+    if report.state == "progress":  # figures while it runs: kept, the state stays
+        if state in ("sent", "accepted"):
+            conn.execute("UPDATE orders SET progress = ?, updated_at = ? WHERE id = ?",
+                         (json.dumps(report.result), now, report.order_id))
+        return
     new = report.state if report.state in ("accepted", "succeeded", "failed") else "failed"
     late = state == "expired" and new == "succeeded"  # it ran after all: what is, counts
     if (state in FINAL and not late) or (new == "accepted" and state == "accepted"):
@@ -126,7 +134,7 @@ def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
                  (new, now, json.dumps(report.result), report.error, report.order_id))
     _history(conn, report.order_id, now, new,
              "reported after the order had expired" if late else report.error)
-    if new != "accepted" and vm_id:
+    if new != "accepted" and vm_id and action in VM_ACTIONS:
         _vm_order_ended(conn, vm_id, action, new, dict(report.result), report.error, now,
                         node=report.node)
 
@@ -177,6 +185,10 @@ def order_json(conn: sqlite3.Connection, order_id: str) -> dict[str, Any] | None
     if row is None:
         return None
     out = _row(row)
+    progress, move_id = conn.execute("SELECT progress, move_id FROM orders WHERE id = ?",
+                                     (order_id,)).fetchone()
+    out["progress"] = json.loads(progress)
+    out["move"] = move_id
     out["history"] = [
         {"ts": ts, "state": st, "note": note} for ts, st, note in conn.execute(
             "SELECT ts, state, note FROM order_history WHERE order_id = ? ORDER BY ts, rowid",

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,7 +233,12 @@ class CertificateAuthority:
                 x509.NameAttribute(PROFILE_OID, attrs.profile),
             ]
         )
-        return self._issue(subject, key, days, [ExtendedKeyUsageOID.CLIENT_AUTH])
+        # Both usages: the node's libvirtd serves peer-to-peer migrations with it (TLS) and
+        # opens them with it; the names it asks for are the address other nodes' libvirtd
+        # reach it at, which their TLS check holds the certificate to.
+        return self._issue(subject, key, days, [ExtendedKeyUsageOID.CLIENT_AUTH,
+                                                ExtendedKeyUsageOID.SERVER_AUTH],
+                           node_alt_names(csr) or None)
 
     def issue_ephemeral(self, cn: str, seconds: float) -> Ephemeral:
         """A client certificate for ``cn`` that lives ``seconds``: the aggregator uses one to
@@ -275,6 +281,59 @@ def _load_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, ec.Elliptic
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise PkiError("csr key must be EC P-256")
     return csr, key
+
+
+def placeholder_tls(name: str) -> tuple[str, str, str]:
+    """A throwaway CA, and a certificate and key it signed (PEM, valid a day), for a TLS
+    server that must start before it has its real certificate (libvirtd)."""
+    now = _now()
+
+    def cert(cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+             signer: ec.EllipticCurvePrivateKey, ca: bool) -> str:
+        made = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(issuer).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .sign(signer, hashes.SHA256()))
+        return made.public_bytes(serialization.Encoding.PEM).decode()
+
+    ca_key, key = _new_key(), _new_key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} placeholder CA")])
+    ca_pem = cert(f"{name} placeholder CA", ca_key, ca_name, ca_key, True)
+    return ca_pem, cert(f"{name} placeholder", key, ca_name, ca_key, False), \
+        _key_pem(key).decode()
+
+
+MAX_ALT_NAMES = 4
+_DNS_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                       r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def node_alt_names(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
+    """The subjectAltNames a node's CSR asks for: IP addresses and DNS names only, at most
+    :data:`MAX_ALT_NAMES`; anything else is refused (PkiError)."""
+    try:
+        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    except Exception as exc:  # a malformed or duplicated extension
+        raise PkiError(f"csr extensions cannot be read: {exc}") from None
+    names: list[x509.GeneralName] = []
+    for name in ext.value:
+        ip = isinstance(name, x509.IPAddress) and isinstance(
+            name.value, ipaddress.IPv4Address | ipaddress.IPv6Address)
+        dns = isinstance(name, x509.DNSName) and _DNS_NAME.fullmatch(name.value) is not None
+        if ip or dns:
+            names.append(name)
+        else:
+            raise PkiError(f"csr asks for a subjectAltName {name!r}: only IP addresses and"
+                           " DNS names (the node's migration address) are signed")
+    if len(names) > MAX_ALT_NAMES:
+        raise PkiError(f"csr asks for {len(names)} subjectAltNames; at most {MAX_ALT_NAMES}")
+    return names
 
 
 def csr_key_id(csr_pem: str) -> str:

@@ -23,7 +23,7 @@ from agent import configfile, sdnotify
 from agent.profiles import Profile, default_profiles_dir, load_profiles
 from agent.tls import client_verifying_context, server_context
 from agent.wire import Certificate, RenewRequest, encode
-from aggregator import audit, broker, config, images, orders, placement, trust, vms
+from aggregator import audit, broker, config, images, moves, orders, placement, trust, vms
 from aggregator.api import Services, make_app
 from aggregator.auth import create_api_token
 from aggregator.config import AggregatorConfig, Layout
@@ -128,6 +128,7 @@ class Aggregator:
                 client_id=cfg.ingest.client_id,
             ),
             on_renew=self._renewal_requested,
+            on_report=lambda: self._dispatch_now.set(),  # a move may take its next step
         )
         self.control = Control(
             ControlSettings(
@@ -382,6 +383,17 @@ class Aggregator:
                 lambda db: vms.reconcile(db.conn, signer, now, live, ttl))
             if restarted:
                 log.info("resuming %d VM(s) their node paused on its own", len(restarted))
+            ctx = moves.Context(signer, self.profiles, live, ttl)
+            grace = self.config.orders.node_loss_grace_s
+
+            def move_on(db: sqlite_utils.Database) -> tuple[int, int, list[str], int]:
+                return (moves.advance(db.conn, ctx, now), moves.drive(db.conn, ctx, now),
+                        moves.restart_lost(db.conn, ctx, now, grace),
+                        moves.evict(db.conn, ctx, now))
+
+            _, _, lost, _ = await self.store.write(move_on)
+            if lost:
+                log.warning("restarting %d VM(s) of lost nodes elsewhere", len(lost))
         due = await self.store.read(lambda c: orders.due(c, now))
         sent: list[str] = []
         for item in due:

@@ -393,11 +393,11 @@ class Store:
         conn.execute(
             "UPDATE nodes SET reported_status = ?, status_changed_at = ?, "
             "interval_s = CASE WHEN ? > 0 THEN ? ELSE interval_s END, "
-            "inventory = coalesce(?, inventory), "
+            "inventory = coalesce(?, inventory), lease_s = ?, "
             "last_seen = CASE WHEN ? THEN last_seen ELSE ? END WHERE id = ?",
             (
                 st.state, item.received_at, st.interval_s, st.interval_s, inventory,
-                item.retained, item.received_at, st.node,
+                st.lease_s, item.retained, item.received_at, st.node,
             ),
         )
         if st.state == "online" and not item.retained:

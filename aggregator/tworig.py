@@ -14,11 +14,15 @@ network namespace and mount namespace::
 
 The addresses exist only inside the two namespaces: libvirt's and QEMU's migration traffic
 crosses the veth pair and nothing else. Each host bind-mounts private directories of the
-work directory over ``/etc/libvirt``, ``/run/libvirt``, ``/var/lib/libvirt`` and
-``/var/log/libvirt``, and a hosts file over ``/etc/hosts`` (the mounts live and die with the
-host's processes). ``/var/cache/libvirt`` stays shared: QEMU's capabilities are probed once.
-Peer-to-peer migration goes to ``Host.migration_uri`` (``qemu+tcp://10.250.0.x/system``,
-TCP without authentication: a test rig only; production uses TLS).
+work directory over ``/etc/libvirt``, ``/run/libvirt``, ``/var/lib/libvirt``,
+``/var/log/libvirt`` and ``/etc/pki``, and a hosts file over ``/etc/hosts`` (the mounts live
+and die with the host's processes). ``/var/cache/libvirt`` stays shared: QEMU's capabilities
+are probed once.
+Peer-to-peer migration goes to ``Host.tls_migration_uri`` (``qemu+tls://10.250.0.x/system``)
+once a node's agent has written the fleet's certificates into ``Host.tls_dir`` (the host's
+``/etc/pki``; libvirtd starts on a placeholder and reloads them through ``Host.admin_uri``),
+or to ``Host.migration_uri`` (``qemu+tcp://``, no authentication: for tests of migration
+itself).
 
 Guest files go in ``Host.images_dir``, a directory of the work directory with the same path
 inside the host and outside it; it is the host's ``dir`` storage pool ``images`` (a copy of a
@@ -54,6 +58,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
 
+from agent.libvirttls import write_tls_files
+from aggregator.pki import placeholder_tls
+
 DEFAULT_NAME: Final = "v8mig"
 SUBNET: Final = "10.250.0"  # /24; exists only inside the rig's namespaces
 HOST_LETTERS: Final = ("a", "b")
@@ -65,6 +72,7 @@ _CACHE_DIR: Final = Path("/var/cache/libvirt/qemu")
 # Inside the host -> the work directory's subdirectory mounted there.
 _PRIVATE_DIRS: Final = (
     ("/etc/libvirt", "etc"),
+    ("/etc/pki", "pki"),  # libvirt's and QEMU's TLS files (libvirt reloads only these paths)
     ("/run/libvirt", "run"),
     ("/var/lib/libvirt", "lib"),
     ("/var/log/libvirt", "log"),
@@ -99,6 +107,21 @@ class Host:
     uri: str  # qemu+unix:///system?socket=...: reachable from the root namespace
     migration_uri: str  # qemu+tcp://<address>/system: reachable from the other host only
     images_dir: Path  # its dir storage pool ``images``; same path inside and outside
+
+    @property
+    def tls_dir(self) -> Path:
+        """Its ``/etc/pki`` as seen from outside: where an agent writes libvirt's TLS files
+        (libvirtd starts on a placeholder certificate and reloads the real one)."""
+        return self.root / "pki"
+
+    @property
+    def admin_uri(self) -> str:
+        """Its libvirtd's admin URI (``virt-admin``), reachable from the root namespace."""
+        return f"libvirtd:///system?socket={self.root / 'run' / 'libvirt-admin-sock'}"
+
+    @property
+    def tls_migration_uri(self) -> str:
+        return f"qemu+tls://{self.address}/system"
 
     @property
     def socket(self) -> Path:
@@ -216,8 +239,11 @@ class TwoHosts:
             (host.root / sub).mkdir(parents=True, exist_ok=True)
         host.images_dir.mkdir(parents=True, exist_ok=True)
         etc = host.root / "etc"
+        _placeholder_tls(host)
         (etc / "libvirtd.conf").write_text(
-            "listen_tls = 0\n"
+            # TLS with libvirt's default file paths (the only ones it reloads), and plain
+            # TCP for tests of migration itself.
+            "listen_tls = 1\n"
             "listen_tcp = 1\n"
             f'listen_addr = "{host.address}"\n'
             'auth_tcp = "none"\n'
@@ -305,6 +331,15 @@ class TwoHosts:
             self._lock = None
         if self.setup_s is not None and self.teardown_s is None:
             self.teardown_s = time.monotonic() - started
+
+
+def _placeholder_tls(host: Host) -> None:
+    """A throwaway certificate (of a throwaway CA) where libvirt looks for its TLS files: libvirtd
+    with TLS does not start without them. A node's agent writes the fleet's over it."""
+    if (host.tls_dir / "libvirt" / "servercert.pem").exists():
+        return
+    ca_pem, pem, key_pem = placeholder_tls(host.name)
+    write_tls_files(host.tls_dir, ca_pem=ca_pem, cert_pem=pem, key_pem=key_pem, layout="system")
 
 
 def _run(step: str, argv: list[str]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from agent.profiles import Profile
-from agent.wire import VmSpec
+from agent.wire import VmSpec, to_plain
 from aggregator import fleet, orders
 from aggregator.audit import record as audit
 from aggregator.errors import Refused
@@ -48,6 +48,7 @@ class VmRequest:
     initrd: str
     cmdline: str
     policy: Policy
+    on_node_loss: str = "wait"  # or "restart": elsewhere, once it is safe
 
     @classmethod
     def from_json(cls, body: Any) -> VmRequest:
@@ -90,8 +91,12 @@ class VmRequest:
             policy = Policy.from_json(body.get("placement", {}))
         except ValueError as exc:
             raise Refused("invalid_placement", f"placement: {exc}") from None
+        on_loss = body.get("on_node_loss", "wait")
+        if on_loss not in ("wait", "restart"):
+            raise Refused("invalid_request", 'on_node_loss must be "wait" (for the node to'
+                          ' return) or "restart" (elsewhere, once the lost node has stopped it)')
         return cls(name, vcpus, memory, disk, fields["image"], fields["kernel"],
-                   fields["initrd"], fields["cmdline"], policy)
+                   fields["initrd"], fields["cmdline"], policy, on_loss)
 
     def demand(self) -> Demand:
         return Demand(self.vcpus, self.memory_mib, self.disk_gib, self.policy)
@@ -106,6 +111,7 @@ class VmRequest:
             "placement": {"countries": list(p.countries), "providers": list(p.providers),
                           "sites": list(p.sites), "labels": dict(p.labels),
                           "profile": p.profile, "anti_affinity": p.anti_affinity},
+            "on_node_loss": self.on_node_loss,
         }
 
 
@@ -154,19 +160,20 @@ def create(conn: sqlite3.Connection, signer: OrderSigner, req: VmRequest, now: f
     node_id = decision.candidates[0][0]
     vm_id = str(uuid.uuid4())
     p = req.policy
-    conn.execute(
-        "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec, anti_affinity,"
-        " desired_state, actual_state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
-        " 'running', 'pending', ?, ?)",
-        (vm_id, req.name, node_id, req.vcpus, req.memory_mib, req.disk_gib,
-         json.dumps(req.to_json()), p.anti_affinity, now, now),
-    )
     spec = VmSpec(
         uuid=vm_id, name=req.name, vcpus=req.vcpus, memory_mib=req.memory_mib,
         disk_gib=req.disk_gib, image=req.image, image_sha256=digests["image"],
         kernel=req.kernel, kernel_sha256=digests["kernel"], initrd=req.initrd,
         initrd_sha256=digests["initrd"], cmdline=req.cmdline,
         countries=p.countries, providers=p.providers,
+    )
+    conn.execute(
+        "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec, anti_affinity,"
+        " desired_state, actual_state, created_at, updated_at, vm_spec, on_node_loss) VALUES"
+        " (?, ?, ?, ?, ?, ?, ?, ?, 'running', 'pending', ?, ?, ?, ?)",
+        (vm_id, req.name, node_id, req.vcpus, req.memory_mib, req.disk_gib,
+         json.dumps(req.to_json()), p.anti_affinity, now, now, json.dumps(to_plain(spec)),
+         req.on_node_loss),
     )
     order_id = orders.issue(conn, signer, node_id, vm_id, "create", now, ttl_s, vm=spec)
     audit(conn, now, actor, "vm.create", vm_id, name=req.name, node=node_id, order=order_id)
@@ -180,6 +187,11 @@ def act(conn: sqlite3.Connection, signer: OrderSigner, vm_id: str, action: str, 
     if row is None:
         raise Refused("not_found", f"no VM {vm_id!r}", 404)
     node_id, desired = row
+    moving = conn.execute("SELECT id FROM moves WHERE vm_id = ? AND finished_at IS NULL",
+                          (vm_id,)).fetchone()
+    if moving is not None:
+        raise Refused("moving", f"the VM is being moved ({moving[0]}): try again when the"
+                      " move ends", 409)
     if node_id is None:  # its create failed: nothing runs anywhere
         if action == "delete":
             conn.execute("UPDATE vms SET desired_state = 'deleted', deleted_at = ?,"
@@ -274,6 +286,23 @@ def reconcile(conn: sqlite3.Connection, signer: OrderSigner, now: float, live: L
               reason="paused, should run")
         issued.append(order_id)
     return issued
+
+
+def spec_of(conn: sqlite3.Connection, vm_id: str) -> VmSpec:
+    """The VmSpec a VM was ordered with (for a move or a restart elsewhere)."""
+    (plain,) = conn.execute("SELECT vm_spec FROM vms WHERE id = ?", (vm_id,)).fetchone()
+    if plain is None:
+        raise Refused("no_spec", "the VM was created before this aggregator kept VM specs:"
+                      " it cannot be moved", 409)
+    fields = json.loads(plain)
+    for name in ("countries", "providers"):
+        fields[name] = tuple(fields.get(name, ()))
+    return VmSpec(**fields)
+
+
+def request_of(conn: sqlite3.Connection, vm_id: str) -> VmRequest:
+    (spec,) = conn.execute("SELECT spec FROM vms WHERE id = ?", (vm_id,)).fetchone()
+    return VmRequest.from_json(json.loads(spec))
 
 
 def resolve(conn: sqlite3.Connection, ref: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent.profiles import Profile, default_profiles_dir, load_profiles
-from aggregator import trust, vms
+from aggregator import moves, trust, vms
 from aggregator.api import Services, make_app
 from aggregator.auth import ROLES, create_api_token
 from aggregator.enrollment import TokenScope, create_token
@@ -137,6 +137,26 @@ async def api(root_dir: Path, pki: CertificateAuthority,
         db.conn, signer, vms.VmRequest.from_json({"name": "fixture-doomed", "vcpus": 1,
                                                   "memory_mib": 256}),
         now, profiles, live, 600, "test"))
+    # A second online node to move VMs to, VMs there to move (their creates done), a move
+    # made, and a node drained.
+    await store.write(lambda db: db.execute(
+        "INSERT INTO nodes (id, site, country, provider, profile, enrolled_at, reported_status,"
+        " last_seen, interval_s, inventory) VALUES ('si-rack-02', 'ljubljana-dc-1', 'SI',"
+        " 'arnes', 'rack-server', 1, 'online', 4102444800, 10, ?)", [inventory]))
+    ctx = moves.Context(signer, profiles, live, 600)
+    movers = {}
+    for i in range(4):
+        mover = await store.write(lambda db, i=i: vms.create(
+            db.conn, signer, vms.VmRequest.from_json({"name": f"fixture-mover-{i}", "vcpus": 1,
+                                                      "memory_mib": 256}),
+            now, profiles, live, 600, "test"))
+        await store.write(lambda db, m=mover: db.execute(
+            "UPDATE orders SET state = 'succeeded' WHERE id = ?", [m["order"]]))
+        movers[f"mover-{i}"] = mover["id"]
+    move = await store.write(lambda db: moves.start(
+        db.conn, ctx, movers["mover-0"], "", moves.MoveSettings(mode="cold"), now, "test"))
+    await store.write(lambda db: moves.drain(
+        db.conn, ctx, "si-tower-01", moves.MoveSettings(mode="auto"), 2, now, "test"))
     services = Services(
         store=store, ca=pki, profiles=profiles, heartbeat_factor=3.0, min_timeout_s=5.0,
         cert_days=1.0, broker_host="127.0.0.1", broker_port=8883, metrics=lambda: {},
@@ -146,10 +166,12 @@ async def api(root_dir: Path, pki: CertificateAuthority,
     client = TestClient(TestServer(make_app(services), host="127.0.0.1"))
     await client.start_server()
     yield Api(client, tokens, store, {"vm": made["id"], "order": made["order"],
-                                      "doomed": doomed["id"]})
+                                      "doomed": doomed["id"], "move": move["move"], **movers})
     await client.close()
     store.stop()
 
 
 # Session fixtures for real QEMU guests: the system libvirtd and the tiny guest's images.
+from tests.fleetrig import two_host_fleet  # noqa: E402, F401
 from tests.guests import system_libvirt, tiny_guest  # noqa: E402, F401
+

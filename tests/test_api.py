@@ -61,7 +61,17 @@ EXAMPLES: dict[tuple[str, str], Any] = {  # (path, body), or a function of the A
     ("GET", "/api/v1/residency/verify"): ("/api/v1/residency/verify", None),
     ("GET", "/api/v1/orders"): ("/api/v1/orders?node=si-rack-01&limit=5", None),
     ("GET", "/api/v1/orders/{id}"): lambda api: (f"/api/v1/orders/{api.ids['order']}", None),
+    ("POST", "/api/v1/vms/{id}/migrate"): lambda api: (
+        f"/api/v1/vms/{api.ids[f'mover-{1 + next(_movers) % 3}']}/migrate",
+        {"mode": "cold"}),
+    ("GET", "/api/v1/moves"): ("/api/v1/moves?state=open&limit=5", None),
+    ("GET", "/api/v1/moves/{id}"): lambda api: (f"/api/v1/moves/{api.ids['move']}", None),
+    ("POST", "/api/v1/nodes/{id}/drain"): ("/api/v1/nodes/si-tower-01/drain",
+                                           {"parallel": 1}),
+    ("GET", "/api/v1/nodes/{id}/drain"): ("/api/v1/nodes/si-tower-01/drain", None),
 }
+# Each allowed call moves a VM of its own (a VM being moved cannot be moved again).
+_movers = itertools.count(1)
 _names = itertools.count(1)
 
 

@@ -22,7 +22,7 @@ GATEWAYS = {
     "sqlite3": {"agent/spool.py", "agent/journal.py", "aggregator/store.py",
                 "aggregator/queries.py", "aggregator/trust.py", "aggregator/audit.py",
                 "aggregator/orders.py", "aggregator/residency.py", "aggregator/vms.py",
-                "aggregator/images.py", "aggregator/placement.py"},
+                "aggregator/images.py", "aggregator/placement.py", "aggregator/moves.py"},
     # Functions that run on the store's writer thread take its sqlite-utils Database.
     "sqlite_utils": {"aggregator/store.py", "aggregator/migrations.py",
                      "aggregator/enrollment.py", "aggregator/auth.py", "aggregator/cli.py",

@@ -120,7 +120,7 @@ async def test_a_running_guest_moves_there_and_back_and_its_counter_goes_on(
     serial_b = b.images_dir / "tiny-mover.serial-2.log"
     there = await hv_a.migrate(
         vm, b.migration_uri, dest_xml=_moved(await hv_a.migratable_xml(vm), a, b, serial_b),
-        dest_stats_uri=b.uri, max_downtime_ms=300, timeout_s=30, progress=seen.append)
+        max_downtime_ms=300, timeout_s=30, progress=seen.append)
     assert await hv_a.state(vm) is None  # undefined at the source
     assert await hv_b.state(vm) == "running"
     assert f"'{serial_b}'" in await hv_b.domain_xml(vm)
@@ -131,8 +131,7 @@ async def test_a_running_guest_moves_there_and_back_and_its_counter_goes_on(
 
     serial_a2 = a.images_dir / "tiny-mover.serial-3.log"
     back = await hv_b.migrate(
-        vm, a.migration_uri, dest_xml=_moved(await hv_b.migratable_xml(vm), b, a, serial_a2),
-        dest_stats_uri=a.uri)
+        vm, a.migration_uri, dest_xml=_moved(await hv_b.migratable_xml(vm), b, a, serial_a2))
     assert await hv_b.state(vm) is None
     assert await hv_a.state(vm) == "running"
     await _until(lambda: len(_ticks(_text(serial_a2))) >= 3, 10, "the counter on A again")
@@ -158,7 +157,7 @@ async def test_a_running_guest_moves_there_and_back_and_its_counter_goes_on(
     started = time.monotonic()
     with pytest.raises(MigrationTimeoutError) as err:
         await hv_a.migrate(
-            vm, b.migration_uri, bandwidth_mib_s=1, timeout_s=1.0, dest_stats_uri=b.uri,
+            vm, b.migration_uri, bandwidth_mib_s=1, timeout_s=1.0,
             dest_xml=_moved(await hv_a.migratable_xml(vm), a, b, serial_b))
     aborted_after = time.monotonic() - started
     assert err.value.timeout_s == 1.0
@@ -183,7 +182,7 @@ async def test_a_guest_with_a_disk_moves_with_its_data(
 
     serial_b = b.images_dir / "tiny-disk.serial-2.log"
     result = await hv_a.migrate(
-        vm, b.migration_uri, copy_storage=True, dest_stats_uri=b.uri, timeout_s=60,
+        vm, b.migration_uri, copy_storage=True, timeout_s=60,
         dest_xml=_moved(await hv_a.migratable_xml(vm), a, b, serial_b))
     assert await hv_b.state(vm) == "running"
     copied = b.images_dir / disk.name
