@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import configfile
+from agent import configfile, libvirttls
 from agent.wire import ProtocolError, validate_node_id
 
 
@@ -71,10 +71,11 @@ class LibvirtConfig:
         if self.migration_transport not in ("tls", "tcp"):
             raise ValueError(f"migration_transport: {self.migration_transport!r} must be tls"
                              " or tcp")
-        if self.migration_address and not all(
-                ch.isalnum() or ch in ".-:" for ch in self.migration_address):
-            raise ValueError(f"migration_address: {self.migration_address!r} is not an IP"
-                             " address or host name")
+        if self.migration_address:
+            try:
+                libvirttls.migration_uri(self.migration_address)
+            except libvirttls.LibvirtTlsError as exc:
+                raise ValueError(f"migration_address: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ def _alt_name(address: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(address))
     except ValueError:
-        return x509.DNSName(address)
+        return x509.DNSName(address.lower())  # names are signed in lower case
 
 
 def enroll(opts: EnrollOptions) -> Path:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import subprocess
 import urllib.parse
@@ -203,6 +204,8 @@ def reload_tls(
                               stdin=subprocess.DEVNULL, check=False)
     except FileNotFoundError:
         return f"{virt_admin}: not found"
+    except OSError as exc:  # not executable, a directory
+        return f"{virt_admin}: {exc.strerror}"
     except subprocess.TimeoutExpired:
         return f"{virt_admin} server-update-tls {server}: no answer within {timeout_s:g} s"
     if done.returncode == 0:
@@ -210,6 +213,10 @@ def reload_tls(
     text = " ".join(line.strip() for line in (done.stderr or done.stdout).splitlines()
                     if line.strip())
     return text or f"{virt_admin} server-update-tls {server}: exit status {done.returncode}"
+
+
+HOST_NAME: Final = re.compile(r"(?=.{1,253}$)(?i:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                              r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*)")
 
 
 def migration_uri(address: str, pki_dir: Path | None = None, *, port: int | None = None,
@@ -222,16 +229,24 @@ def migration_uri(address: str, pki_dir: Path | None = None, *, port: int | None
     if transport not in ("tls", "tcp"):
         raise LibvirtTlsError(f"transport {transport!r} is not tls or tcp")
     host = address.strip()
-    if not host or any(c in host for c in "/?#@ "):
-        raise LibvirtTlsError(f"{address!r} is not a host address")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # a bracketed IPv6 address
+        bracketed = True
+    else:
+        bracketed = False
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    if ip is not None and ip.version == 6:
-        host = f"[{ip}]"
-    elif ip is None and ":" in host:
-        raise LibvirtTlsError(f"{address!r} is not a host address")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        raise LibvirtTlsError(f"{address!r}: a scoped IPv6 address cannot be a peer's address")
+    if ip is not None and not (bracketed and ip.version == 4):
+        host = f"[{ip}]" if ip.version == 6 else str(ip)
+    elif bracketed or not HOST_NAME.fullmatch(host):
+        raise LibvirtTlsError(f"{address!r} is not a host address (an IP address or a DNS"
+                              " name)")
+    else:
+        host = host.lower()
     if port is not None:
         if not 0 < port < 65536:
             raise LibvirtTlsError(f"port {port} out of range")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import shutil
 import time
 import xml.etree.ElementTree as ET
@@ -587,7 +588,7 @@ def _files_of(xml: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for role, where, attr in (("kernel", "os/kernel", ""), ("initrd", "os/initrd", ""),
                               ("disk", "devices/disk[@device='disk']/source", "file"),
-                              ("serial", "devices/serial/source", "path")):
+                              ("serial", "devices/serial[@type='file']/source", "path")):
         el = root.find(where)
         value = (el.get(attr) if attr else el.text) if el is not None else None
         if value:
@@ -600,7 +601,7 @@ def _limits(params: dict[str, Any]) -> dict[str, Any]:
     def number(key: str) -> Any:
         value = params.get(key)
         return value if isinstance(value, int | float) and not isinstance(value, bool) \
-            and value > 0 else None
+            and math.isfinite(value) and value >= 1 else None
 
     downtime, bandwidth = number("max_downtime_ms"), number("bandwidth_mib_s")
     return {"max_downtime_ms": int(downtime) if downtime else None,

@@ -4,10 +4,17 @@ A managed Mosquitto with mutual TLS, the aggregator, and N agents, each enrolled
 real path (token from the API → ``virt8ra-agent enroll`` → CSR → certificate) and each managing
 its own libvirt test-driver host made from a hardware profile, spread over several countries
 and providers. Runs until interrupted, then stops everything it started.
+
+``--real`` (root): two real libvirt hosts instead, each in its own network namespace
+(:mod:`aggregator.tworig`), as two nodes whose libvirt daemons migrate guests to each other
+over TLS with the fleet's certificates; the tiny guest (a kernel and an initrd built from
+Debian packages) is registered as images and one VM of it started on the first node. On exit
+the guests, the libvirt daemons and the namespaces go too.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -25,6 +32,8 @@ from rich.table import Table
 from agent import configfile
 from aggregator.client import ApiClient, ApiClientError
 from aggregator.config import Layout
+from aggregator.guestimage import build_tiny_guest
+from aggregator.tworig import Host, TwoHosts
 
 # (country, provider, site, profile): a fleet spread over providers and countries.
 FLEET: tuple[tuple[str, str, str, str], ...] = (
@@ -73,12 +82,23 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
+# The real mode's two nodes, one per libvirt host of the rig.
+REAL_NODES: tuple[DemoNode, ...] = (
+    DemoNode("si-lab-01", "SI", "arnes", "ljubljana-lab", "lab-host"),
+    DemoNode("at-lab-01", "AT", "a1-telekom", "graz-lab", "lab-host"),
+)
+REAL_RIG_NAME = "v8demo"
+GUEST_CACHE = Path("/var/cache/virt8ra/tiny-guest")
+
+
 class Demo:
     def __init__(self, data_dir: Path, nodes: int, api_port: int, broker_port: int,
-                 interval_s: float, console: Console) -> None:
+                 interval_s: float, console: Console, real: bool = False) -> None:
         self.dir = data_dir.resolve()
         self.layout = Layout(self.dir)
-        self.nodes = demo_nodes(nodes)
+        self.real = real
+        self.rig: TwoHosts | None = None
+        self.nodes = list(REAL_NODES) if real else demo_nodes(nodes)
         self.api_port = api_port
         self.broker_port = broker_port or free_port()
         self.interval_s = interval_s
@@ -114,10 +134,56 @@ class Demo:
         api = ApiClient(f"http://127.0.0.1:{self.api_port}",
                         self.layout.admin_token.read_text().strip())
         self._wait_healthy(api)
+        if self.real:
+            self._start_real(api)
+            return api
         self._register_image(api)
         for node in self.nodes:
             self._start_agent(api, node)
         return api
+
+    def _start_real(self, api: ApiClient) -> None:
+        """Two libvirt hosts, their agents, the tiny guest's images, and one VM of it."""
+        with self.console.status("building the tiny guest from Debian packages (cached)"):
+            guest = build_tiny_guest(GUEST_CACHE)
+        self.console.print(f"tiny guest: {guest.kernel_package} {guest.kernel_version}")
+        workdir = self.dir / "hosts"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.rig = TwoHosts(workdir, name=REAL_RIG_NAME)
+        with self.console.status("starting two libvirt hosts in network namespaces"):
+            self.rig.setup()
+        for node, host in zip(self.nodes, self.rig.hosts, strict=True):
+            self.console.print(f"  libvirt host [cyan]{host.name}[/] at {host.address} (inside"
+                               f" its namespace) for node {node.id}")
+        names = {i["name"] for i in api.get("/api/v1/images")["images"]}
+        for name, path, fmt in (("tiny-kernel", guest.kernel, "kernel"),
+                                ("tiny-initrd", guest.initrd, "initrd")):
+            if name not in names:
+                api.post("/api/v1/images", {"name": name, "path": str(path), "format": fmt})
+        for node, host in zip(self.nodes, self.rig.hosts, strict=True):
+            self._start_agent(api, node, host)
+        self.wait_online(api, timeout_s=60)
+        if any(v["name"] == REAL_VM for v in api.get("/api/v1/vms")["vms"]):
+            return
+        first, second = self.nodes
+        api.post(f"/api/v1/nodes/{second.id}/cordon", {"reason": "demo: the first VM on"
+                                                                 f" {first.id}"})
+        try:
+            made = api.post("/api/v1/vms", {
+                "name": REAL_VM, "vcpus": 1, "memory_mib": 128,
+                "boot": {"kernel": "tiny-kernel", "initrd": "tiny-initrd",
+                         "cmdline": "console=ttyS0"}})
+        finally:
+            api.post(f"/api/v1/nodes/{second.id}/uncordon", {})
+        with self.console.status(f"booting {REAL_VM} on {made['node']}"):
+            deadline = time.monotonic() + 120
+            while api.get(f"/api/v1/vms/{REAL_VM}")["actual_state"] != "running":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{REAL_VM} did not start; see {self.dir / 'logs'}")
+                time.sleep(0.5)
+        self.console.print(f"[green]{REAL_VM}[/] runs on {made['node']}; its console:"
+                           f" {self.dir / 'nodes' / made['node'] / 'state' / 'disks'}"
+                           f"/{made['id']}/serial.log")
 
     def _register_image(self, api: ApiClient) -> None:
         """A small disk image, so VMs can be created at once (test-driver nodes fetch and
@@ -151,7 +217,7 @@ class Demo:
                     ) from None
                 time.sleep(0.2)
 
-    def _start_agent(self, api: ApiClient, node: DemoNode) -> None:
+    def _start_agent(self, api: ApiClient, node: DemoNode, host: Host | None = None) -> None:
         home = self.dir / "nodes" / node.id
         config = home / "etc" / "agent.toml"
         py = sys.executable
@@ -160,13 +226,22 @@ class Demo:
                 "site": node.site, "country": node.country, "provider": node.provider,
                 "profile": node.profile, "ttl_seconds": 600,
             })
+            where = ["--simulate", node.profile] if host is None else [
+                "--libvirt-uri", host.uri, "--profile", node.profile, "--domain-type", "qemu",
+                "--migration-address", host.address, "--tls-dir", str(host.tls_dir),
+                "--libvirt-admin-uri", host.admin_uri]
             self._run([
                 py, "-m", "agent", "enroll", "--aggregator", api.base_url,
                 "--token", grant["token"], "--ca-fingerprint", grant["ca_fingerprint"],
                 "--node-id", node.id, "--config-dir", str(home / "etc"),
-                "--state-dir", str(home / "state"), "--simulate", node.profile,
+                "--state-dir", str(home / "state"), *where,
                 "--interval", str(self.interval_s),
             ])
+            if host is not None:  # the tiny guest ignores ACPI: stop it after 3 s
+                with config.open("rb") as fh:
+                    table = tomllib.load(fh)
+                table["orders"]["shutdown_timeout_s"] = 3.0
+                config.write_text(configfile.dump_toml(table))
             self.console.print(f"  enrolled [cyan]{node.id}[/] ({node.profile}, {node.site}, "
                                f"{node.country}, {node.provider})")
         self._spawn(node.id, [py, "-m", "agent", "run", "--config", str(config)])
@@ -205,9 +280,12 @@ class Demo:
             _wait(proc)
         for log in self._logs:
             log.close()
+        if self.rig is not None:  # the guests, the libvirt daemons, the namespaces
+            self.rig.teardown()
 
 
 DEMO_IMAGE = "tiny"
+REAL_VM = "demo-1"
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
@@ -235,12 +313,19 @@ def _summary(console: Console, nodes: list[dict[str, object]]) -> None:
 
 
 def run_demo(data_dir: Path, nodes: int, api_port: int, broker_port: int = 0,
-             interval_s: float = 2.0) -> int:
+             interval_s: float = 2.0, real: bool = False) -> int:
     console = Console()
     if nodes < 1:
         console.print("[red]--nodes must be at least 1[/]")
         return 2
-    demo = Demo(data_dir, nodes, api_port, broker_port, interval_s, console)
+    if real and nodes != 2:
+        console.print("[red]--real runs two nodes (two libvirt hosts): --nodes 2[/]")
+        return 2
+    if real and os.geteuid() != 0:
+        console.print("[red]--real needs root: it starts libvirt daemons in network"
+                      " namespaces[/]")
+        return 2
+    demo = Demo(data_dir, nodes, api_port, broker_port, interval_s, console, real)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         api = demo.start()
@@ -252,15 +337,21 @@ def run_demo(data_dir: Path, nodes: int, api_port: int, broker_port: int = 0,
             f"127.0.0.1:{api_port}/api/v1/nodes\n"
             f"  export VIRT8RA_API=http://127.0.0.1:{api_port} VIRT8RA_TOKEN=$(cat {token_file})\n"
             f"  virt8ra nodes\n"
-            f"  virt8ra vm create cam-7 --image {DEMO_IMAGE} --disk 1 --country SI\n"
-            f"  virt8ra vms; virt8ra orders; virt8ra vm residency cam-7\n"
-            f"logs in {demo.dir / 'logs'}; Ctrl-C stops everything.",
+            + (f"  virt8ra vm migrate {REAL_VM} --to {REAL_NODES[1].id}\n"
+               f"  virt8ra vm create tiny-2 --memory 128 --kernel tiny-kernel --initrd"
+               f" tiny-initrd --cmdline console=ttyS0\n"
+               f"  virt8ra node drain {REAL_NODES[0].id}; virt8ra moves;"
+               f" virt8ra vm residency {REAL_VM}\n"
+               if real else
+               f"  virt8ra vm create cam-7 --image {DEMO_IMAGE} --disk 1 --country SI\n"
+               f"  virt8ra vms; virt8ra orders; virt8ra vm residency cam-7\n")
+            + f"logs in {demo.dir / 'logs'}; Ctrl-C stops everything.",
             flush=True,
         )
         demo.supervise()
     except (KeyboardInterrupt, _Stop):
         console.print("\nstopping…")
-    except (RuntimeError, ApiClientError) as exc:
+    except (RuntimeError, ApiClientError, OSError) as exc:
         console.print(f"[red]demo failed: {exc}[/]")
         return 1
     finally:

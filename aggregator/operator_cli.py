@@ -436,7 +436,8 @@ def _cmd_token(args: argparse.Namespace, console: Console) -> int:
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from aggregator.demo import run_demo
 
-    return run_demo(args.data_dir, args.nodes, args.api_port, args.broker_port, args.interval)
+    return run_demo(args.data_dir, args.nodes, args.api_port, args.broker_port, args.interval,
+                    args.real)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -588,6 +589,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-port", type=int, default=8480)
     sp.add_argument("--broker-port", type=int, default=0, help="default: a free port")
     sp.add_argument("--interval", type=float, default=2.0, help="agents' telemetry interval")
+    sp.add_argument("--real", action="store_true", help="two real libvirt hosts in network"
+                    " namespaces, real QEMU guests and live migration (root; --nodes 2)")
     sp.set_defaults(func=_cmd_demo)
     return p
 
