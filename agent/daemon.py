@@ -114,6 +114,8 @@ class Agent:
         await self._libvirt_tls()
         await self.spool.open()
         await self.journal.open()
+        # Read before anything touches it: how long the node was out of touch counts.
+        self.orders.contact_at_start = await self.journal.last_contact()
         try:
             await self._connect_hypervisor()
             sdnotify.notify("READY=1")
@@ -138,7 +140,7 @@ class Agent:
         lease = self.config.orders.lease_s
         if not lease:
             return
-        last = await self.journal.last_contact()
+        last = self.orders.contact_at_start
         offline_before = max(0.0, time.time() - last) if last is not None else 0.0
         connected_since_start = fenced = False
         touched = -CONTACT_EVERY_S
@@ -152,10 +154,11 @@ class Agent:
             else:
                 cut_off = now - down + (0.0 if connected_since_start else offline_before)
                 if not fenced and cut_off > lease:
-                    fenced = True
-                    paused = await self.orders.fence()
+                    paused, failed = await self.orders.fence()
+                    fenced = not failed  # else: again at the next look
                     log.warning("cut off for more than %.0f s: paused %d guest(s) until the"
-                                " aggregator says otherwise", lease, paused)
+                                " aggregator says otherwise%s", lease, paused,
+                                f"; {failed} could not be paused yet" if failed else "")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=min(1.0, lease / 4))
 

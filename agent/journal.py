@@ -6,10 +6,12 @@ order records it and the node's highest order number in one transaction, so a re
 is refused even after a restart, and an order killed half-way is found and finished at the
 next start. The desired state is what the node restores after a host reboot with the uplink
 down: the VMs that should run, and only those. Its states: ``running``, ``stopped``,
-``incoming`` (a VM this node prepared to receive: never started from here), ``fenced`` (paused
-by the node itself, cut off past its lease: it may run elsewhere now, so only an order
-resumes it). The time of the last contact with the aggregator is kept too: a node that
-restarts after a long time cut off must not start anything on its own.
+``incoming`` (a VM this node prepared to receive: never started from here), ``leaving`` (being
+migrated away: never started from here again by the node itself), ``fenced`` (paused by the
+node itself, cut off past its lease: it may run elsewhere now, so only an order resumes it).
+The time of the last contact with the aggregator is kept too (a node that restarts after a
+long time cut off must not start anything on its own), and of the last fencing (an order
+issued before it does not resume a fenced VM).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS desired (
     vm_uuid TEXT PRIMARY KEY,
     spec TEXT NOT NULL,          -- the VmSpec of the order that created it, as plain JSON
-    state TEXT NOT NULL,         -- running, stopped, incoming, fenced
+    state TEXT NOT NULL,         -- running, stopped, incoming, leaving, fenced
     order_seq INTEGER NOT NULL
 );
 """
@@ -204,6 +206,21 @@ class Journal:
             return float(row[0]) if row else None
 
         return await self._run(op)
+
+    async def fenced_at(self) -> float | None:
+        """When the node last fenced its VMs (paused them, cut off past its lease)."""
+        def op(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT value FROM meta WHERE key = 'fenced_at'").fetchone()
+            return float(row[0]) if row else None
+
+        return await self._run(op)
+
+    async def touch_fenced(self, now: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO meta (key, value) VALUES ('fenced_at', ?) ON CONFLICT"
+                       " (key) DO UPDATE SET value = excluded.value", (int(now) + 1,))
+
+        await self._run(op)
 
     async def touch_contact(self, now: float) -> None:
         def op(db: sqlite3.Connection) -> None:

@@ -107,6 +107,10 @@ class Migration:
 
 
 PROGRESS_EVERY_S: Final = 1.0  # a running migration reports its figures this often
+# A migration is aborted this long before its order expires (so the aggregator never acts on
+# an expired migrate while it still runs), and not begun with less than MIGRATION_MIN_S left.
+ORDER_END_MARGIN_S: Final = 30.0
+MIGRATION_MIN_S: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ class OrderRunner:
         self._node = node
         self._migration = migration or Migration()
         self._lease_s = lease_s
+        # The last contact with the aggregator as the journal had it when the agent started
+        # (before this run touched it): set by the daemon.
+        self.contact_at_start: float | None = None
         self._key = key
         self._journal = journal
         self._hv = hypervisor
@@ -228,26 +235,36 @@ class OrderRunner:
 
     async def _recover(self) -> None:
         """Finish what a killed agent left half-done, then bring the VMs that should run
-        back up (after a host reboot, with or without an uplink)."""
+        back up (after a host reboot, with or without an uplink). A node that was cut off
+        past its lease before this start starts nothing: its VMs may run elsewhere by now."""
+        hv = self._hv()
+        last = self.contact_at_start
+        fenced = bool(self._lease_s and last is not None
+                      and time.time() - last > self._lease_s)
+        if fenced:
+            paused, failed = await self.fence()
+            log.warning("no contact with the aggregator for %.0f s before this start (lease"
+                        " %.0f s): nothing is started, %d guest(s) paused until it says"
+                        " otherwise%s", time.time() - (last or 0), self._lease_s, paused,
+                        f" ({failed} could not be)" if failed else "")
         for entry in await self._journal.unfinished():
             try:
                 order = decode(entry.envelope)
             except ProtocolError:
                 continue
-            if isinstance(order, Order):
-                log.info("finishing order %s (%s) after a restart", order.order_id,
-                         order.action)
-                await self._execute(order)
-        hv = self._hv()
-        if hv is None:
-            return
-        last = await self._journal.last_contact()
-        if self._lease_s and last is not None and time.time() - last > self._lease_s:
-            # Cut off past the lease before this start: the VMs may run elsewhere by now.
-            paused = await self.fence()
-            log.warning("no contact with the aggregator since %.0f s ago (lease %.0f s):"
-                        " nothing is started, %d guest(s) paused until it says otherwise",
-                        time.time() - last, self._lease_s, paused)
+            if not isinstance(order, Order):
+                continue
+            if order.expires_at < time.time() or (fenced and order.action in ("start",
+                                                                               "create")):
+                why = "expired" if order.expires_at < time.time() else "cut off past the lease"
+                error = f"not finished: the agent stopped while it ran, and it is {why} now"
+                log.warning("order %s (%s): %s", order.order_id, order.action, error)
+                await self._journal.finish(order.order_id, "failed", {}, error, time.time())
+                await self._send(order.order_id, "failed", {}, error)
+                continue
+            log.info("finishing order %s (%s) after a restart", order.order_id, order.action)
+            await self._execute(order)
+        if hv is None or fenced:
             return
         for want in await self._journal.desired():
             if want.state not in ("running", "stopped"):  # incoming: not ours yet; fenced:
@@ -285,6 +302,7 @@ class OrderRunner:
             elif not uuid:
                 raise Refused("no vm_uuid")
             elif order.action == "start":
+                await self._not_before_fence(uuid, order)
                 state = await hv.state(uuid)
                 if state == "paused":  # e.g. paused by the node's own fencing
                     await hv.change_state(uuid, "resume")
@@ -301,7 +319,7 @@ class OrderRunner:
                 await hv.reboot(uuid)
                 result = {"state": await hv.state(uuid) or "gone"}
             elif order.action == "migrate":
-                result = await self._migrate(hv, order)
+                result = await self._leave(hv, uuid, order)
                 shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
                 forget = uuid
             elif order.action == "adopt":
@@ -314,7 +332,8 @@ class OrderRunner:
                 shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
                 forget = uuid
                 result = {"state": "deleted", "existed": existed}
-        except (Refused, HypervisorError, DomainSpecError, images.ImageError, OSError) as exc:
+        except (Refused, HypervisorError, DomainSpecError, images.ImageError, OSError,
+                ValueError, ET.ParseError) as exc:
             if isinstance(exc, HypervisorError) and not hv.alive():
                 raise  # not the order's fault: finish it once libvirt is back
             error = f"refused: {exc}" if isinstance(exc, Refused) else str(exc)
@@ -344,6 +363,16 @@ class OrderRunner:
                 raise
         return {"state": await hv.state(spec.uuid) or "gone"}
 
+    async def _not_before_fence(self, uuid: str, order: Order) -> None:
+        """An order to start a fenced VM counts only if it was issued after the fence: one
+        issued before may be stale (the VM may have been started elsewhere since)."""
+        want = await self._journal.desired_of(uuid)
+        fenced_at = await self._journal.fenced_at()
+        if want is not None and want.state == "fenced" and fenced_at is not None \
+                and order.issued_at < fenced_at:
+            raise Refused("issued before this node, cut off past its lease, paused the VM"
+                          " (it may run elsewhere now)")
+
     # --- moving VMs between nodes ----------------------------------------------------------
 
     async def _receive(self, hv: Hypervisor, spec: VmSpec, mode: str) -> dict[str, Any]:
@@ -362,6 +391,22 @@ class OrderRunner:
         files = await self._prepare(hv, spec)
         return {"address": self._migration.address, "domain_type": files.domain_type,
                 **{k: str(v) for k, v in files.paths().items()}}
+
+    async def _leave(self, hv: Hypervisor, uuid: str, order: Order) -> dict[str, Any]:
+        """Migrate, with the VM marked ``leaving`` meanwhile: an agent killed in the middle
+        never starts it again here by itself (it may be running at the destination). A
+        failed move puts the mark back only if the VM is still here."""
+        want = await self._journal.desired_of(uuid)
+        before = want.state if want is not None else ""
+        if before in ("running", "stopped"):
+            await self._journal.set_state(uuid, before, "leaving")
+        try:
+            return await self._migrate(hv, order)
+        except BaseException:
+            if before in ("running", "stopped") and hv.alive() \
+                    and await hv.state(uuid) is not None:
+                await self._journal.set_state(uuid, "leaving", before)
+            raise
 
     async def _migrate(self, hv: Hypervisor, order: Order) -> dict[str, Any]:
         """The source's side: check the destination the order names against the VM's own
@@ -393,6 +438,12 @@ class OrderRunner:
         def report(figures: MigrationProgress) -> None:
             self._progress(order.order_id, figures)
 
+        limits = _limits(p)
+        left = order.expires_at - time.time() - ORDER_END_MARGIN_S
+        if left < MIGRATION_MIN_S:
+            raise Refused(f"only {max(left, 0):.0f} s of the order's life is left: too little"
+                          " to migrate")
+        limits["timeout_s"] = min(limits["timeout_s"], left)  # aborted before it expires
         started = time.monotonic()
         moved: MigrationResult | None = None
         if mode == "live":
@@ -405,7 +456,7 @@ class OrderRunner:
             moved = await hv.migrate(
                 uuid, self._migration.uri(str(p.get("address", ""))), live=True,
                 copy_storage=disk is not None, incremental=backing,
-                dest_xml=retarget(await hv.migratable_xml(uuid), mapping), **_limits(p),
+                dest_xml=retarget(await hv.migratable_xml(uuid), mapping), **limits,
                 tls=self._migration.transport == "tls", progress=report)
         else:  # cold: stopped here, its disk copied, defined and started there
             if state not in ("shut off", "crashed"):
@@ -419,7 +470,7 @@ class OrderRunner:
                         uuid, self._migration.uri(str(p.get("address", ""))), live=False,
                         copy_storage=True, incremental=backing,
                         dest_xml=retarget(await hv.migratable_xml(uuid), mapping),
-                        **_limits(p), tls=self._migration.transport == "tls",
+                        **limits, tls=self._migration.transport == "tls",
                         progress=report)
                 except BaseException:
                     if hv.alive() and await hv.state(uuid) not in (None, "shut off"):
@@ -460,7 +511,11 @@ class OrderRunner:
         if str(params.get("mode")) == "live":
             if state is None:
                 raise Refused("the VM has not arrived on this node")
-            return {"state": state}, "running"
+            if await hv.job_stats(uuid) is not None:
+                raise Refused("the VM is still arriving: ask again")
+            if state in ("shut off", "crashed"):  # e.g. this host restarted since it came
+                await hv.start(uuid)
+            return {"state": await hv.state(uuid) or "gone"}, "running"
         if state not in (None, "shut off", "crashed"):
             await hv.destroy(uuid)  # arrived paused with its disk: it boots afresh
         if state is None and want.spec:
@@ -475,6 +530,8 @@ class OrderRunner:
         VM did arrive; then say so, and keep it."""
         state = await hv.state(uuid)
         if state is not None:
+            if await hv.job_stats(uuid) is not None:
+                raise Refused("a migration of the VM is still arriving: ask again")
             return {"present": True, "state": state}
         want = await self._journal.desired_of(uuid)
         if want is not None and want.state == "incoming":
@@ -535,24 +592,30 @@ class OrderRunner:
                          kernel=files.kernel, initrd=files.initrd, serial_log=files.serial)
         await hv.define(xml)
 
-    async def fence(self) -> int:
+    async def fence(self) -> tuple[int, int]:
         """The node is cut off past its lease: pause every guest it runs by order, and mark
-        them fenced, so that nothing but an order starts them again (the aggregator may have
-        started them elsewhere). Returns how many were paused."""
+        them fenced, so that nothing but an order issued after this starts them again (the
+        aggregator may have started them elsewhere). Returns how many were paused and how
+        many could not be (libvirt away): the caller tries again."""
         hv = self._hv()
-        paused = 0
+        paused = failed = 0
+        await self._journal.touch_fenced(time.time())
         for want in await self._journal.desired():
             if want.state not in ("running", "incoming"):
                 continue
             try:
-                if hv is not None and await hv.state(want.vm_uuid) == "running":
+                if hv is None:
+                    raise HypervisorError("libvirt is not connected")
+                if await hv.state(want.vm_uuid) == "running":
                     await hv.change_state(want.vm_uuid, "suspend")
                     paused += 1
             except HypervisorError as exc:
                 log.error("cannot pause %s: %s", want.vm_uuid, exc)
+                failed += 1
+                continue
             if want.state == "running":
                 await self._journal.set_state(want.vm_uuid, "running", "fenced")
-        return paused
+        return paused, failed
 
     async def _send(self, order_id: str, state: str, result: dict[str, Any],
                     error: str) -> None:

@@ -214,7 +214,8 @@ def enroll(
         raise EnrollmentError("invalid_facts", "facts: the host's hardware facts are missing")
     attrs = NodeAttributes(req.node_id, country, provider, site, profile)
     try:
-        issued = ca.sign_node_csr(req.csr_pem, attrs, cert_days)
+        issued = ca.sign_node_csr(req.csr_pem, attrs, cert_days,
+                                  taken_names(db, req.node_id))
         key = csr_key_id(req.csr_pem)
     except PkiError as exc:
         raise EnrollmentError("invalid_csr", str(exc)) from None
@@ -233,6 +234,8 @@ def enroll(
     if req.facts is not None:
         db.execute("UPDATE nodes SET facts = ? WHERE id = ?",
                    [json.dumps(req.facts.to_plain()), req.node_id])
+    db.execute("UPDATE nodes SET alt_names = ? WHERE id = ?",
+               [" ".join(issued.names), req.node_id])
     serial = format(issued.serial, "x")
     # Certificates of an earlier enrollment of this node stop working now.
     db.execute("UPDATE certificates SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",
@@ -244,7 +247,7 @@ def enroll(
     )
     audit(db, now, f"enrollment-token:{token_id}", "node.enroll", req.node_id, serial=serial,
            site=site, country=country, provider=provider, profile=profile,
-           re_enrollment=bound is not None)
+           re_enrollment=bound is not None, names=" ".join(issued.names))
     return {
         "node_id": req.node_id,
         "certificate": issued.certificate_pem,
@@ -254,3 +257,13 @@ def enroll(
         "not_after": issued.not_after,
         "re_enrollment": bound is not None,
     }
+
+
+def taken_names(db: sqlite_utils.Database, node_id: str) -> set[str]:
+    """The subjectAltNames other nodes' certificates carry (revoked nodes' too: theirs may
+    still be in use until they expire)."""
+    taken: set[str] = set()
+    for (names,) in db.execute("SELECT alt_names FROM nodes WHERE id != ? AND alt_names != ''",
+                               [node_id]).fetchall():
+        taken.update(names.split())
+    return taken

@@ -268,6 +268,9 @@ class Ingest:
         self._on_report = on_report
         self.counters = IngestCounters()
         self.connected = asyncio.Event()
+        # Since when the aggregator hears the broker (None: it does not now): nodes are
+        # judged silent only over time it was listening.
+        self.connected_since: float | None = None
         self.restarts = 0
 
     def _records(self, data: bytes) -> None:
@@ -287,7 +290,8 @@ class Ingest:
                     store.ingest(StatusIn(msg, received_at, retained))
                 elif isinstance(msg, LifecycleEvent | TelemetryGap | Report):
                     store.ingest(EventIn(msg, received_at))
-                    if isinstance(msg, Report) and self._on_report is not None:
+                    if isinstance(msg, Report) and msg.state != "progress" \
+                            and self._on_report is not None:
                         self._on_report()
                 elif isinstance(msg, RenewRequest):
                     store.ingest(EventIn(msg, received_at))
@@ -300,8 +304,10 @@ class Ingest:
             elif record[1]:
                 c.connects += 1
                 self.connected.set()
+                self.connected_since = time.time()
             else:
                 self.connected.clear()
+                self.connected_since = None
 
     def _malformed(self, node: str, field_name: str, reason: str) -> None:
         c = self.counters

@@ -358,6 +358,8 @@ def _m007_moves(db: sqlite_utils.Database) -> None:
     db.executescript(
         """
         ALTER TABLE nodes ADD COLUMN lease_s REAL NOT NULL DEFAULT 0;
+        -- Its certificate's subjectAltNames (space-separated): where its libvirtd is reached.
+        ALTER TABLE nodes ADD COLUMN alt_names TEXT NOT NULL DEFAULT '';
         ALTER TABLE vms ADD COLUMN vm_spec TEXT;        -- the VmSpec ordered, JSON
         ALTER TABLE vms ADD COLUMN on_node_loss TEXT NOT NULL DEFAULT 'wait';  -- or restart
         ALTER TABLE orders ADD COLUMN move_id TEXT;

@@ -27,10 +27,12 @@ transaction, like :mod:`aggregator.orders`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sqlite3
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -42,11 +44,14 @@ from aggregator.errors import Refused
 from aggregator.pki import OrderSigner
 from aggregator.placement import load_nodes, place, shortlist
 
+log = logging.getLogger("virt8ra.aggregator.moves")
 MODES: Final = ("live", "cold")
 OPEN_STATES: Final = ("preparing", "migrating", "adopting", "releasing")
 MIGRATE_TTL_MARGIN_S: Final = 120.0  # a migrate order lives its timeout plus this
 DRAIN_PARALLEL_MAX: Final = 32
 RESTART_RETRY_S: Final = 60.0  # a restart elsewhere that failed is tried again after this
+MAX_ASKS: Final = 5  # a destination is asked this often to take a VM over or say where it is
+EVICT_RETRY_S: Final = 60.0
 _LIVE_TYPES: Final = ("kvm", "qemu")
 
 
@@ -192,7 +197,7 @@ def start(conn: sqlite3.Connection, ctx: Context, vm_id: str, to: str,
     if busy is not None:
         raise Refused("moving", f"the VM is being moved already ({busy[0]})", 409)
     if conn.execute("SELECT 1 FROM orders WHERE vm_id = ? AND state IN ('pending', 'sent',"
-                    " 'accepted')", (vm_id,)).fetchone():
+                    f" 'accepted') AND action IN {orders.VM_ACTIONS}", (vm_id,)).fetchone():
         raise Refused("busy", "an order for the VM is still open: try again when it ends", 409)
     source = _node_row(conn, node_id)
     assert source is not None
@@ -254,67 +259,120 @@ def _finish(conn: sqlite3.Connection, move_id: str, vm_id: str, state: str, erro
                  (error if state == "failed" else "", now, vm_id))
 
 
+@contextlib.contextmanager
+def _each(conn: sqlite3.Connection, what: str) -> Iterator[None]:
+    """One row's work in a savepoint: a row that fails (our bug, or data we did not expect)
+    is rolled back and logged, and the others go on."""
+    conn.execute("SAVEPOINT one_row")
+    try:
+        yield
+    except Exception:
+        conn.execute("ROLLBACK TO one_row")
+        log.exception("%s failed; it is tried again at the next turn", what)
+    finally:
+        conn.execute("RELEASE one_row")
+
+
 def advance(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
-    """Take every open move whose current order has ended one step on. Returns how many."""
+    """Take every open move whose current order has ended one step on. Returns how many.
+
+    An outcome nobody reported is never taken for an answer: a migrate that failed or
+    expired is followed by asking the destination (``release``) whether the VM arrived, and
+    that question is asked again until it is answered."""
     rows = conn.execute(
         "SELECT m.id, m.vm_id, m.source, m.dest, m.mode, m.state, m.settings, o.state,"
         " o.result, o.error FROM moves m JOIN orders o ON o.id = m.step_order"
         " WHERE m.finished_at IS NULL AND o.state IN ('succeeded', 'failed', 'expired')"
     ).fetchall()
-    for (move_id, vm_id, source, dest, mode, state, settings, o_state, o_result,
-         o_error) in rows:
-        result = json.loads(o_result)
-        why = o_error or ("its order expired" if o_state == "expired" else o_state)
-        if mode == "restart":  # a create elsewhere: the VM's row follows the create itself
-            if o_state == "succeeded":
-                _finish(conn, move_id, vm_id, "succeeded", "", now)
-                continue
-            # It is still where it was lost (paused there): keep it there, and try again.
-            conn.execute("UPDATE vms SET node_id = ?, actual_state = 'unknown' WHERE id = ?",
-                         (source, vm_id))
-            conn.execute("DELETE FROM evictions WHERE vm_id = ? AND node_id = ? AND order_id"
-                         " IS NULL", (vm_id, source))
-            _finish(conn, move_id, vm_id, "failed", f"restart on {dest} failed: {why}; the VM"
-                    f" is still on {source}", now)
-        elif state == "preparing":
-            if o_state == "succeeded":
-                _migrate(conn, ctx, move_id, vm_id, source, dest, mode, json.loads(settings),
-                         result, now)
-            else:
-                _release(conn, ctx, vm_id, dest, move_id, now)
-                _finish(conn, move_id, vm_id, "failed",
-                        f"{mode} move to {dest} failed: the destination {why}", now)
-        elif state == "migrating":
-            if o_state == "succeeded":
-                _arrived(conn, ctx, move_id, vm_id, source, dest, mode, result, now)
-            elif o_state == "failed":
-                _release(conn, ctx, vm_id, dest, move_id, now)
-                _finish(conn, move_id, vm_id, "failed", f"{mode} move to {dest} failed:"
-                        f" {why}; the VM is still on {source}", now)
-            else:  # expired: did it move? The destination knows.
-                conn.execute("UPDATE moves SET error = ? WHERE id = ?",
-                             (f"the source did not report the {mode} move", move_id))
-                _step(conn, move_id, "releasing",
-                      _release(conn, ctx, vm_id, dest, move_id, now), now)
-        elif state == "releasing":
-            if o_state == "succeeded" and result.get("present") is True:
-                _arrived(conn, ctx, move_id, vm_id, source, dest, mode, {}, now)
-            else:
-                (error,) = conn.execute("SELECT error FROM moves WHERE id = ?",
-                                        (move_id,)).fetchone()
-                _finish(conn, move_id, vm_id, "failed", f"{error}; the VM is not on {dest}",
-                        now)
-        elif state == "adopting":
-            (kept,) = conn.execute("SELECT result FROM moves WHERE id = ?",
-                                   (move_id,)).fetchone()
-            if o_state == "succeeded":
-                conn.execute("UPDATE vms SET actual_state = ? WHERE id = ?",
-                             (str(result.get("state", "unknown")), vm_id))
-                _finish(conn, move_id, vm_id, "succeeded", "", now, json.loads(kept))
-            else:
-                _finish(conn, move_id, vm_id, "failed", f"the VM is on {dest}, which could"
-                        f" not take it over: {why}", now, json.loads(kept))
+    for row in rows:
+        with _each(conn, f"move {row[0]}"):
+            _advance_one(conn, ctx, now, *row)
     return len(rows)
+
+
+def _advance_one(conn: sqlite3.Connection, ctx: Context, now: float, move_id: str, vm_id: str,
+                 source: str, dest: str, mode: str, state: str, settings: str, o_state: str,
+                 o_result: str, o_error: str) -> None:
+    result = json.loads(o_result)
+    why = o_error or ("its order expired" if o_state == "expired" else o_state)
+    if mode == "restart":  # a create elsewhere: the VM's row follows the create itself
+        _restart_ended(conn, move_id, vm_id, source, dest, o_state, why, now)
+    elif state == "preparing":
+        if o_state != "succeeded":
+            _release(conn, ctx, vm_id, dest, move_id, now)
+            _finish(conn, move_id, vm_id, "failed",
+                    f"{mode} move to {dest} failed: the destination {why}", now)
+            return
+        address = str(result.get("address", "")).lower()
+        names = _names(conn, dest)
+        if (mode == "live" or result.get("disk")) and address not in names:
+            _release(conn, ctx, vm_id, dest, move_id, now)
+            _finish(conn, move_id, vm_id, "failed", f"{mode} move to {dest} failed: its"
+                    f" migration address {address or '(none)'} is not in its certificate"
+                    f" ({', '.join(names) or 'no names'})", now)
+            return
+        _migrate(conn, ctx, move_id, vm_id, source, dest, mode, json.loads(settings),
+                 result, now)
+    elif state == "migrating":
+        if o_state == "succeeded":
+            _arrived(conn, ctx, move_id, vm_id, source, dest, mode, result, now)
+            return
+        # Failed or expired: whether the VM left is for the destination to say.
+        conn.execute("UPDATE moves SET error = ? WHERE id = ?",
+                     (f"{mode} move to {dest} failed: {why}", move_id))
+        _step(conn, move_id, "releasing", _release(conn, ctx, vm_id, dest, move_id, now), now)
+    elif state == "releasing":
+        (error,) = conn.execute("SELECT error FROM moves WHERE id = ?", (move_id,)).fetchone()
+        if o_state == "succeeded" and result.get("present") is True:
+            _arrived(conn, ctx, move_id, vm_id, source, dest, mode, {}, now)
+        elif o_state == "succeeded":
+            _finish(conn, move_id, vm_id, "failed", f"{error}; the VM is still on {source}",
+                    now)
+        elif _count(conn, move_id, "release") < MAX_ASKS:
+            _step(conn, move_id, "releasing", _release(conn, ctx, vm_id, dest, move_id, now),
+                  now)
+        else:
+            _finish(conn, move_id, vm_id, "failed", f"{error}; {dest} did not say whether the"
+                    f" VM arrived ({why}): it is recorded on {source}", now)
+    elif state == "adopting":
+        (kept,) = conn.execute("SELECT result FROM moves WHERE id = ?", (move_id,)).fetchone()
+        if o_state == "succeeded":
+            conn.execute("UPDATE vms SET actual_state = ? WHERE id = ?",
+                         (str(result.get("state", "unknown")), vm_id))
+            _finish(conn, move_id, vm_id, "succeeded", "", now, json.loads(kept))
+        elif _count(conn, move_id, "adopt") < MAX_ASKS:
+            _adopt(conn, ctx, move_id, vm_id, dest, mode, now)
+        else:
+            _finish(conn, move_id, vm_id, "failed", f"the VM is on {dest}, which could not"
+                    f" take it over: {why}", now, json.loads(kept))
+
+
+def _restart_ended(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str, dest: str,
+                   o_state: str, why: str, now: float) -> None:
+    if o_state == "succeeded":  # it runs at dest: the lost node's copy goes when it returns
+        conn.execute("INSERT INTO evictions (vm_id, node_id, created_at) VALUES (?, ?, ?) ON"
+                     " CONFLICT (vm_id, node_id) DO UPDATE SET done_at = NULL, order_id ="
+                     " NULL", (vm_id, lost, now))
+        _finish(conn, move_id, vm_id, "succeeded", "", now)
+    elif o_state == "failed":  # nothing was made at dest: it is still (paused) where it was
+        conn.execute("UPDATE vms SET node_id = ?, actual_state = 'unknown' WHERE id = ?",
+                     (lost, vm_id))
+        _finish(conn, move_id, vm_id, "failed", f"restart on {dest} failed: {why}; the VM is"
+                f" still on {lost}", now)
+    else:  # expired: it may still start at dest; the lost node's copy is kept, never evicted
+        _finish(conn, move_id, vm_id, "failed", f"restart on {dest}: its create order"
+                f" expired, the outcome is unknown; the copy on {lost} is kept", now)
+
+
+def _count(conn: sqlite3.Connection, move_id: str, action: str) -> int:
+    (n,) = conn.execute("SELECT count(*) FROM orders WHERE move_id = ? AND action = ?",
+                        (move_id, action)).fetchone()
+    return int(n)
+
+
+def _names(conn: sqlite3.Connection, node_id: str) -> list[str]:
+    row = conn.execute("SELECT alt_names FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    return str(row[0]).split() if row is not None else []
 
 
 def _migrate(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, source: str,
@@ -340,12 +398,17 @@ def _migrate(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, s
 def _arrived(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, source: str,
              dest: str, mode: str, result: dict[str, Any], now: float) -> None:
     """The VM has left the source: it is the destination's now, which takes it over."""
-    (desired,) = conn.execute("SELECT desired_state FROM vms WHERE id = ?", (vm_id,)).fetchone()
     conn.execute("UPDATE vms SET node_id = ?, actual_state = ?, updated_at = ? WHERE id = ?",
                  (dest, "running" if mode == "live" else "pending", now, vm_id))
     residency.append(conn, vm_id, "left", source, now)
     residency.append(conn, vm_id, "arrived", dest, now)
     conn.execute("UPDATE moves SET result = ? WHERE id = ?", (json.dumps(result), move_id))
+    _adopt(conn, ctx, move_id, vm_id, dest, mode, now)
+
+
+def _adopt(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, dest: str,
+           mode: str, now: float) -> None:
+    (desired,) = conn.execute("SELECT desired_state FROM vms WHERE id = ?", (vm_id,)).fetchone()
     order_id = orders.issue(conn, ctx.signer, dest, vm_id, "adopt", now, ctx.ttl_s,
                             params={"vm_uuid": vm_id, "mode": mode,
                                     "start": desired == "running"}, move_id=move_id)
@@ -457,8 +520,8 @@ def drive(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
                 start(conn, ctx, vm_id, "", s, now, actor, drain_id)
                 started += 1
             except Refused as exc:  # recorded as a failed move: the drain reports it
-                if exc.code in ("busy", "moving"):
-                    continue  # an order of its own is still open: its turn comes later
+                if exc.code in ("busy", "moving", "source_offline"):
+                    continue  # its turn comes later (its own order ends, its node is back)
                 conn.execute(
                     "INSERT INTO moves (id, vm_id, source, mode, state, settings, error,"
                     " drain_id, actor, created_at, updated_at, finished_at) VALUES (?, ?, ?,"
@@ -524,52 +587,68 @@ def drain_json(conn: sqlite3.Connection, node_id: str) -> dict[str, Any] | None:
 # --- node loss ------------------------------------------------------------------------------
 
 
-def restart_lost(conn: sqlite3.Connection, ctx: Context, now: float, grace_s: float
-                 ) -> list[str]:
+def restart_lost(conn: sqlite3.Connection, ctx: Context, now: float, grace_s: float,
+                 watching_since: float | None) -> list[str]:
     """Create elsewhere the VMs that asked for it (``on_node_loss: restart``) whose node has
     been silent past its own lease plus ``grace_s``: by then the node has paused them itself
-    (and will not resume them). A node that never said it fences (lease 0) is never given up
-    on: its VMs could still be running. Returns the VMs restarted."""
+    (and will not resume them). Silence counts only from ``watching_since``, when this
+    aggregator last began to hear the broker (None: it does not now): a node is not lost
+    because the aggregator was away. A node that never said it fences (lease 0) is never
+    given up on: its VMs could still be running. Returns the VMs restarted."""
+    if watching_since is None:
+        return []
     done: list[str] = []
     rows = conn.execute(
         "SELECT v.id, v.name, v.node_id, n.last_seen, n.lease_s, v.state_reason FROM vms v"
         " JOIN nodes n ON n.id = v.node_id WHERE v.deleted_at IS NULL AND v.desired_state ="
         " 'running' AND v.on_node_loss = 'restart' AND n.lease_s > 0 AND n.last_seen IS NOT"
-        " NULL AND ? - n.last_seen > n.lease_s + ? AND NOT EXISTS (SELECT 1 FROM moves m"
-        " WHERE m.vm_id = v.id AND (m.finished_at IS NULL OR (m.mode = 'restart' AND"
-        " m.finished_at > ?)))", (now, grace_s, now - RESTART_RETRY_S)).fetchall()
+        " NULL AND ? - max(n.last_seen, ?) > n.lease_s + ? AND NOT EXISTS (SELECT 1 FROM"
+        " moves m WHERE m.vm_id = v.id AND (m.finished_at IS NULL OR (m.mode = 'restart' AND"
+        " m.finished_at > ?))) AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.vm_id = v.id"
+        " AND o.node_id = v.node_id AND o.action = 'create' AND o.state IN ('pending',"
+        " 'sent', 'accepted'))",
+        (now, watching_since, grace_s, now - RESTART_RETRY_S)).fetchall()
     for vm_id, name, lost, last_seen, lease_s, reason in rows:
-        node = _node_row(conn, lost)
-        if node is None or _online(node, now, ctx.live):
-            continue
-        try:
-            dest = _choose_dest(conn, vm_id, node, "", False, now, ctx)
-        except Refused as exc:
-            note = f"its node {lost} is lost; no node can take it: {exc}"
-            if reason != note:
-                conn.execute("UPDATE vms SET state_reason = ? WHERE id = ?", (note, vm_id))
-            continue
-        spec = vms.spec_of(conn, vm_id)
-        move_id = "mv-" + uuid.uuid4().hex[:16]
-        conn.execute(
-            "INSERT INTO moves (id, vm_id, source, dest, mode, state, actor, created_at,"
-            " updated_at) VALUES (?, ?, ?, ?, 'restart', 'migrating', 'aggregator', ?, ?)",
-            (move_id, vm_id, lost, dest, now, now))
-        conn.execute(
-            "UPDATE vms SET node_id = ?, actual_state = 'pending', state_reason = ?,"
-            " updated_at = ? WHERE id = ?",
-            (dest, f"restarted on {dest}: {lost} silent for {now - last_seen:.0f} s (lease"
-             f" {lease_s:g} s)", now, vm_id))
-        conn.execute("INSERT INTO evictions (vm_id, node_id, created_at) VALUES (?, ?, ?) ON"
-                     " CONFLICT (vm_id, node_id) DO UPDATE SET done_at = NULL, order_id ="
-                     " NULL", (vm_id, lost, now))
-        order_id = orders.issue(conn, ctx.signer, dest, vm_id, "create", now, ctx.ttl_s,
-                                vm=spec, move_id=move_id)
-        _step(conn, move_id, "migrating", order_id, now)
-        audit(conn, now, "aggregator", "vm.restart", vm_id, name=name, lost=lost, dest=dest,
-              silent_s=round(now - last_seen), move=move_id)
-        done.append(vm_id)
+        with _each(conn, f"restarting {vm_id}"):
+            if _restart(conn, ctx, now, vm_id, name, lost, last_seen, lease_s, reason):
+                done.append(vm_id)
     return done
+
+
+def _restart(conn: sqlite3.Connection, ctx: Context, now: float, vm_id: str, name: str,
+             lost: str, last_seen: float, lease_s: float, reason: str) -> bool:
+    node = _node_row(conn, lost)
+    if node is None or _online(node, now, ctx.live):
+        return False
+    try:
+        dest = _choose_dest(conn, vm_id, node, "", False, now, ctx)
+    except Refused as exc:
+        note = f"its node {lost} is lost; no node can take it: {exc}"
+        if reason != note:
+            conn.execute("UPDATE vms SET state_reason = ? WHERE id = ?", (note, vm_id))
+        return False
+    spec = vms.spec_of(conn, vm_id)
+    # What was still to go to the lost node for this VM never goes: it is elsewhere now.
+    for (order_id,) in conn.execute(
+            "SELECT id FROM orders WHERE vm_id = ? AND node_id = ? AND state IN ('pending',"
+            " 'sent', 'accepted')", (vm_id, lost)).fetchall():
+        orders.supersede(conn, order_id, now, f"the VM was restarted on {dest}")
+    move_id = "mv-" + uuid.uuid4().hex[:16]
+    conn.execute(
+        "INSERT INTO moves (id, vm_id, source, dest, mode, state, actor, created_at,"
+        " updated_at) VALUES (?, ?, ?, ?, 'restart', 'migrating', 'aggregator', ?, ?)",
+        (move_id, vm_id, lost, dest, now, now))
+    conn.execute(
+        "UPDATE vms SET node_id = ?, actual_state = 'pending', state_reason = ?,"
+        " updated_at = ? WHERE id = ?",
+        (dest, f"restarted on {dest}: {lost} silent for {now - last_seen:.0f} s (lease"
+         f" {lease_s:g} s)", now, vm_id))
+    order_id = orders.issue(conn, ctx.signer, dest, vm_id, "create", now, ctx.ttl_s,
+                            vm=spec, move_id=move_id)
+    _step(conn, move_id, "migrating", order_id, now)
+    audit(conn, now, "aggregator", "vm.restart", vm_id, name=name, lost=lost, dest=dest,
+          silent_s=round(now - last_seen), move=move_id)
+    return True
 
 
 def evict(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
@@ -586,7 +665,8 @@ def evict(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
             "SELECT e.vm_id, e.node_id FROM evictions e JOIN nodes n ON n.id = e.node_id"
             " LEFT JOIN orders o ON o.id = e.order_id WHERE e.done_at IS NULL AND"
             " n.reported_status = 'online' AND n.revoked_at IS NULL AND (o.id IS NULL OR"
-            " o.state IN ('failed', 'expired'))").fetchall():
+            " (o.state IN ('failed', 'expired') AND o.updated_at < ?))",
+            (now - EVICT_RETRY_S,)).fetchall():
         order_id = orders.issue(conn, ctx.signer, node_id, vm_id, "evict", now, ctx.ttl_s,
                                 params={"vm_uuid": vm_id})
         conn.execute("UPDATE evictions SET order_id = ? WHERE vm_id = ? AND node_id = ?",

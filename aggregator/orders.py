@@ -114,6 +114,15 @@ def expire(conn: sqlite3.Connection, now: float) -> int:
     return len(rows)
 
 
+def supersede(conn: sqlite3.Connection, order_id: str, now: float, why: str) -> None:
+    """End an open order unpublished: what it asked for no longer holds (it is not sent
+    again; a node that still runs it reports in vain)."""
+    note = f"superseded: {why}"
+    conn.execute("UPDATE orders SET state = 'expired', updated_at = ?, error = ? WHERE id = ?"
+                 " AND state IN ('pending', 'sent', 'accepted')", (now, note, order_id))
+    _history(conn, order_id, now, "expired", note)
+
+
 def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
     """A node's account of one of its orders; stale or foreign reports change nothing."""
     row = conn.execute("SELECT state, vm_id, action, node_id FROM orders WHERE id = ?",

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Issued:
     certificate_pem: str
     serial: int
     not_after: float
+    names: tuple[str, ...] = ()  # its subjectAltNames (a node's migration address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +212,19 @@ class CertificateAuthority:
         _write(cert_path, issued.certificate_pem.encode(), 0o644)
         return issued
 
-    def sign_node_csr(self, csr_pem: str, attrs: NodeAttributes, days: float) -> Issued:
-        """Sign a node's CSR; the subject is ours, built from ``attrs``, not from the CSR."""
+    def sign_node_csr(self, csr_pem: str, attrs: NodeAttributes, days: float,
+                      taken: Collection[str] = ()) -> Issued:
+        """Sign a node's CSR; the subject is ours, built from ``attrs``, not from the CSR.
+        The subjectAltNames it asks for are signed unless another node has them (``taken``)
+        or a service of the fleet does (the broker's and the aggregator's certificates beside
+        the CA's): a node's certificate never names what it could then impersonate."""
         csr, key = _load_csr(csr_pem)
+        names = node_alt_names(csr)
+        clash = sorted({_name_text(n) for n in names}
+                       & (set(taken) | self.service_names() | _LOOPBACK_NAMES))
+        if clash:
+            raise PkiError(f"csr asks for {', '.join(clash)}, which names another node or a"
+                           " service of the fleet")
         asked = {a.oid: a.value for a in csr.subject}
         cn = asked.get(NameOID.COMMON_NAME)
         if cn is not None and cn != attrs.node_id:
@@ -236,9 +248,25 @@ class CertificateAuthority:
         # Both usages: the node's libvirtd serves peer-to-peer migrations with it (TLS) and
         # opens them with it; the names it asks for are the address other nodes' libvirtd
         # reach it at, which their TLS check holds the certificate to.
-        return self._issue(subject, key, days, [ExtendedKeyUsageOID.CLIENT_AUTH,
-                                                ExtendedKeyUsageOID.SERVER_AUTH],
-                           node_alt_names(csr) or None)
+        issued = self._issue(subject, key, days, [ExtendedKeyUsageOID.CLIENT_AUTH,
+                                                  ExtendedKeyUsageOID.SERVER_AUTH],
+                             names or None)
+        return Issued(issued.certificate_pem, issued.serial, issued.not_after,
+                      tuple(_name_text(n) for n in names))
+
+    def service_names(self) -> set[str]:
+        """The names in the certificates of the fleet's own services: the ones in the CA's
+        directory and the broker's beside it."""
+        found: set[str] = set()
+        for path in [*self.dir.glob("*.crt"), *self.dir.parent.glob("broker/*.crt")]:
+            try:
+                cert = x509.load_pem_x509_certificate(path.read_bytes())
+                ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            except (OSError, ValueError, x509.ExtensionNotFound):
+                continue
+            found.update(_name_text(n) for n in ext.value
+                         if isinstance(n, x509.IPAddress | x509.DNSName))
+        return found
 
     def issue_ephemeral(self, cn: str, seconds: float) -> Ephemeral:
         """A client certificate for ``cn`` that lives ``seconds``: the aggregator uses one to
@@ -305,6 +333,13 @@ def placeholder_tls(name: str) -> tuple[str, str, str]:
     ca_pem = cert(f"{name} placeholder CA", ca_key, ca_name, ca_key, True)
     return ca_pem, cert(f"{name} placeholder", key, ca_name, ca_key, False), \
         _key_pem(key).decode()
+
+
+def _name_text(name: x509.GeneralName) -> str:
+    return str(name.value).lower()
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
 
 
 MAX_ALT_NAMES = 4

@@ -384,14 +384,20 @@ class Aggregator:
             if restarted:
                 log.info("resuming %d VM(s) their node paused on its own", len(restarted))
             ctx = moves.Context(signer, self.profiles, live, ttl)
-            grace = self.config.orders.node_loss_grace_s
+            grace, since = self.config.orders.node_loss_grace_s, self.ingest.connected_since
 
-            def move_on(db: sqlite_utils.Database) -> tuple[int, int, list[str], int]:
-                return (moves.advance(db.conn, ctx, now), moves.drive(db.conn, ctx, now),
-                        moves.restart_lost(db.conn, ctx, now, grace),
-                        moves.evict(db.conn, ctx, now))
+            def move_on(db: sqlite_utils.Database) -> list[str]:
+                moves.advance(db.conn, ctx, now)
+                moves.drive(db.conn, ctx, now)
+                lost = moves.restart_lost(db.conn, ctx, now, grace, since)
+                moves.evict(db.conn, ctx, now)
+                return lost
 
-            _, _, lost, _ = await self.store.write(move_on)
+            try:
+                lost = await self.store.write(move_on)
+            except Exception:  # orders already due still go out below
+                log.exception("moving VMs failed this turn; trying again at the next")
+                lost = []
             if lost:
                 log.warning("restarting %d VM(s) of lost nodes elsewhere", len(lost))
         due = await self.store.read(lambda c: orders.due(c, now))

@@ -15,7 +15,7 @@ from typing import Any
 import sqlite_utils
 
 from aggregator.audit import record as audit
-from aggregator.enrollment import EnrollmentError
+from aggregator.enrollment import EnrollmentError, taken_names
 from aggregator.pki import CertificateAuthority, NodeAttributes, PkiError, csr_key_id
 
 # --- renewal --------------------------------------------------------------------------------
@@ -57,10 +57,11 @@ def renew(db: sqlite_utils.Database, ca: CertificateAuthority, node_id: str, csr
         return Renewed(node_id, earlier[1], earlier[2], earlier[0], reused=True)
     attrs = NodeAttributes(node_id, country, provider, site, profile)
     try:
-        issued = ca.sign_node_csr(csr_pem, attrs, cert_days)
+        issued = ca.sign_node_csr(csr_pem, attrs, cert_days, taken_names(db, node_id))
     except PkiError as exc:
         raise EnrollmentError("invalid_csr", str(exc)) from None
     serial = format(issued.serial, "x")
+    db.execute("UPDATE nodes SET alt_names = ? WHERE id = ?", [" ".join(issued.names), node_id])
     db.execute(
         "INSERT INTO certificates (serial, node_id, issued_at, not_after, kind, key_id, pem)"
         " VALUES (?, ?, ?, ?, 'renew', ?, ?)",

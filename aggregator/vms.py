@@ -265,16 +265,19 @@ def list_vms(conn: sqlite3.Connection, node: str, now: float, live: Liveness
 
 def reconcile(conn: sqlite3.Connection, signer: OrderSigner, now: float, live: Liveness,
               ttl_s: float) -> list[str]:
-    """Orders that bring what runs back to what is desired, for VMs with no open order on
-    an online node: a VM its node paused on its own (cut off past its lease) is started
-    again. Returns the orders issued."""
+    """Orders that bring what runs back to what is desired, for VMs with no open order or
+    move on an online node: a VM that should run and does not (paused by its node, cut off
+    past its lease; off after a host restart or a failed cold move; stopped by its guest) is
+    started again, at most once a minute. Returns the orders issued."""
     issued = []
     rows = conn.execute(
         "SELECT v.id, v.node_id, n.reported_status, n.last_seen, n.interval_s FROM vms v"
         " JOIN nodes n ON n.id = v.node_id WHERE v.deleted_at IS NULL AND v.desired_state ="
-        " 'running' AND v.actual_state = 'paused' AND n.revoked_at IS NULL AND NOT EXISTS"
-        " (SELECT 1 FROM orders o WHERE o.vm_id = v.id AND (o.state IN ('pending', 'sent',"
-        " 'accepted') OR (o.action = 'start' AND o.created_at > ?)))",
+        " 'running' AND v.actual_state IN ('paused', 'shut off', 'crashed') AND"
+        " n.revoked_at IS NULL AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.vm_id = v.id"
+        " AND (o.state IN ('pending', 'sent', 'accepted') OR (o.action = 'start' AND"
+        " o.created_at > ?))) AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.vm_id = v.id AND"
+        " m.finished_at IS NULL)",
         (now - RECONCILE_COOLDOWN_S,)).fetchall()
     for vm_id, node_id, reported, last_seen, interval_s in rows:
         if fleet.node_status(reported, last_seen, interval_s, now, live.heartbeat_factor,
@@ -283,7 +286,7 @@ def reconcile(conn: sqlite3.Connection, signer: OrderSigner, now: float, live: L
         order_id = orders.issue(conn, signer, node_id, vm_id, "start", now, ttl_s,
                                 params={"vm_uuid": vm_id})
         audit(conn, now, "aggregator", "vm.reconcile", vm_id, node=node_id, order=order_id,
-              reason="paused, should run")
+              reason="not running, should run")
         issued.append(order_id)
     return issued
 

@@ -210,6 +210,26 @@ def test_a_drain_empties_a_node_and_names_what_could_not_move(rig: Rig) -> None:
     rig.cordon("si-tower-01", False)
 
 
+def test_an_aggregator_away_past_the_lease_restarts_nothing_elsewhere(rig: Rig) -> None:
+    """With the aggregator (and its managed broker) down longer than the nodes' lease plus
+    the grace, every node fences its VMs; back up, it has heard no node long enough to call
+    any lost: the VMs are resumed where they are."""
+    made = rig.create("steadfast", on_node_loss="restart")
+    rig.aggregator.stop()
+    time.sleep(LEASE_S + GRACE_S + 2)
+    wait_for(lambda: rig.journal(made["node"]).get(made["id"]) == "fenced",
+             what="the node fencing its VM while cut off")
+    rig.aggregator = rig.fleet.aggregator().start()
+    rig.fleet.wait_healthy()
+    wait_for(lambda: all(rig.fleet.node(n)["status"] == "online" for n in rig.agents),
+             timeout_s=30, what="every node back")
+    wait_for(lambda: rig.vm("steadfast")["actual_state"] == "running", timeout_s=30,
+             what="steadfast resumed")
+    assert rig.vm("steadfast")["node"] == made["node"]
+    assert rig.api.get("/api/v1/moves", vm="steadfast")["moves"] == []
+    assert rig.journal(made["node"])[made["id"]] == "running"
+
+
 def test_a_lost_node_pauses_its_vm_which_restarts_elsewhere_and_never_resumes(
         rig: Rig) -> None:
     rig.cordon("si-tower-01")
