@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from agent import __version__, libvirttls, sdnotify
+from agent import __version__, images, libvirttls, sdnotify
 from agent.config import AgentConfig
 from agent.configfile import ConfigError
 from agent.hypervisor import DomainEvent, Hypervisor, HypervisorError
@@ -42,6 +42,7 @@ from agent.wire import (
 log = logging.getLogger("virt8ra.agent")
 CONTACT_EVERY_S = 5.0  # how often the journal learns that the aggregator is in reach
 QEMU_GROUP = "libvirt-qemu"  # QEMU reads its migration TLS key as this group
+LIBVIRT_CRL_EVERY_S = 300.0  # how often libvirt's copy of the fleet's CRL is renewed
 
 
 class Agent:
@@ -51,6 +52,8 @@ class Agent:
         self.spool = Spool(config.telemetry.spool_path, config.telemetry.spool_max_messages)
         self.sampler = HostSampler()
         self.hypervisor: Hypervisor | None = None
+        self._libvirt_crl: str | None = None  # what libvirt was last given
+        self._libvirt_cert = b""
         self._inventory: Inventory | None = None
         # None is the stop sentinel.
         self._events: asyncio.Queue[DomainEvent | None] = asyncio.Queue(maxsize=10_000)
@@ -126,6 +129,7 @@ class Agent:
                 tg.create_task(self._keep_identity(), name="identity")
                 tg.create_task(self.orders.run(self.stop), name="orders")
                 tg.create_task(self._lease(), name="lease")
+                tg.create_task(self._keep_libvirt_tls(), name="libvirt-tls")
         finally:
             sdnotify.notify("STOPPING=1")
             if self.hypervisor is not None:
@@ -163,13 +167,25 @@ class Agent:
                 await asyncio.wait_for(self.stop.wait(), timeout=min(1.0, lease / 4))
 
     async def _libvirt_tls(self) -> None:
-        """libvirt's and QEMU's TLS files from this node's certificate, and libvirtd told to
-        reload them: live migration between nodes runs on the fleet's own CA. Only for a
-        node that takes migrations over TLS; a failure is logged (migration fails, the
-        rest goes on)."""
+        """libvirt's and QEMU's TLS files from this node's certificate and the fleet's CRL,
+        and libvirtd told to reload them: live migration between nodes runs on the fleet's
+        own CA, and a revoked node's certificate opens no libvirtd. Only for a node that
+        takes migrations over TLS; a failure is logged (migration fails, the rest goes on).
+        Without a fresh CRL the one written before stays."""
         lv, c = self.config.libvirt, self.config.broker
         if not lv.migration_address or lv.migration_transport != "tls":
             return
+        crl_file = lv.tls_dir / "CA" / "cacrl.pem"
+        try:
+            crl: str | None = await images.fetch_crl(
+                self.config.orders.images_url,
+                lambda: client_context(c.ca_file, c.cert_file, c.key_file))
+        except images.ImageError as exc:
+            log.warning("%s; libvirt keeps the CRL it has", exc)
+            crl = crl_file.read_text() if crl_file.exists() else None
+        if crl is not None and crl == self._libvirt_crl and self._libvirt_cert == \
+                c.cert_file.read_bytes():
+            return  # nothing new
         try:
             group = grp.getgrnam(QEMU_GROUP).gr_gid if os.geteuid() == 0 else None
         except KeyError:
@@ -178,9 +194,10 @@ class Agent:
         def write() -> str | None:
             ca, cert, key = c.ca_file.read_text(), c.cert_file.read_text(), c.key_file.read_text()
             libvirttls.write_tls_files(lv.tls_dir, ca_pem=ca, cert_pem=cert, key_pem=key,
-                                       layout="system")
+                                       crl_pem=crl, layout="system")
             libvirttls.write_tls_files(lv.tls_dir / "qemu", ca_pem=ca, cert_pem=cert,
-                                       key_pem=key, layout="qemu", key_group=group)
+                                       key_pem=key, crl_pem=crl, layout="qemu",
+                                       key_group=group)
             return libvirttls.reload_tls(lv.admin_uri)
 
         try:
@@ -190,8 +207,18 @@ class Agent:
             return
         if failed:
             log.error("libvirtd did not reload its TLS files: %s", failed)
-        else:
-            log.info("libvirt's TLS files under %s are this node's certificate", lv.tls_dir)
+            return
+        self._libvirt_crl, self._libvirt_cert = crl, c.cert_file.read_bytes()
+        log.info("libvirt's TLS files under %s: this node's certificate%s", lv.tls_dir,
+                 " and the fleet's CRL" if crl else "")
+
+    async def _keep_libvirt_tls(self) -> None:
+        """The CRL changes when a node is revoked: fetched again every few minutes."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=LIBVIRT_CRL_EVERY_S)
+            if not self.stop.is_set():
+                await self._libvirt_tls()
 
     async def _keep_identity(self) -> None:
         try:

@@ -69,6 +69,24 @@ def _download(base_url: str, name: str, sha256: str, path: Path, tls: ssl.SSLCon
             partial.unlink()
 
 
+async def fetch_crl(base_url: str, tls: Callable[[], ssl.SSLContext]) -> str:
+    """The fleet's CRL (PEM) from the image service; raises ImageError."""
+    url = f"{base_url.rstrip('/')}/crl"
+
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=30, context=tls()) as resp:  # noqa: S310
+            return str(resp.read(1 << 22).decode("ascii"))
+
+    try:
+        pem = await asyncio.to_thread(get)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ImageError(f"cannot fetch the CRL from {url}: {getattr(exc, 'reason', exc)}"
+                         ) from None
+    if not pem.startswith("-----BEGIN X509 CRL-----"):
+        raise ImageError(f"{url} did not answer with a PEM CRL")
+    return pem
+
+
 async def make_disk(path: Path, image: Path | None, size_gib: int) -> Path:
     """A qcow2 disk at ``path``: an overlay of ``image`` (grown to ``size_gib`` if given), or a
     blank one of ``size_gib``. Kept if it exists (an order finished after a restart)."""

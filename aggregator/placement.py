@@ -453,9 +453,7 @@ def load_nodes(
     grouped: set[str] = set()
     group = demand.policy.anti_affinity
     if group is not None:
-        grouped = {node for (node,) in conn.execute(
-            "SELECT DISTINCT node_id FROM vms WHERE deleted_at IS NULL AND anti_affinity = ?",
-            (group,))}
+        grouped = _group_nodes(conn, group)
     in_group = frozenset((group,)) if group is not None else frozenset()
     no_group: frozenset[str] = frozenset()
     nothing = (0, 0, 0)
@@ -483,6 +481,14 @@ def load_nodes(
             u[0], u[1], u[2], in_group if node_id in grouped else no_group,
         ))
     return out
+
+
+def _group_nodes(conn: sqlite3.Connection, group: str) -> set[str]:
+    """The nodes that hold a VM of anti-affinity ``group``, or are receiving one (a move)."""
+    return {node for (node,) in conn.execute(
+        "SELECT node_id FROM vms WHERE anti_affinity = ? AND deleted_at IS NULL AND node_id IS"
+        " NOT NULL UNION SELECT m.dest FROM moves m JOIN vms v ON v.id = m.vm_id WHERE"
+        " v.anti_affinity = ? AND m.finished_at IS NULL AND m.dest != ''", (group, group))}
 
 
 def sync_reservations(conn: sqlite3.Connection, profiles: Mapping[str, Profile]) -> None:
@@ -544,9 +550,7 @@ def shortlist(
     # and left out here (cheaper than a subquery per node).
     taken: set[str] = set()
     if group is not None:
-        taken = {node for (node,) in conn.execute(
-            "SELECT DISTINCT node_id FROM vms WHERE anti_affinity = ? AND deleted_at IS NULL"
-            " AND node_id IS NOT NULL", (group,))}
+        taken = _group_nodes(conn, group)
     args += [*params, limit + len(taken)]
     labels = {name: MappingProxyType(dict(p.labels)) for name, p in profiles.items()}
     empty: Mapping[str, str] = MappingProxyType({})

@@ -414,7 +414,8 @@ class Aggregator:
             await self.store.write(lambda db: orders.mark_sent(db.conn, sent, now))
 
     async def _image_service(self) -> None:
-        """Images for nodes: HTTPS that requires a fleet certificate not in the CRL."""
+        """Images (and the CRL) for nodes: HTTPS that requires a fleet certificate not in
+        the CRL."""
         cfg = self.config.images
         app = web.Application()
 
@@ -427,7 +428,13 @@ class Aggregator:
                     status=404)
             return web.FileResponse(path)
 
+        async def crl(request: web.Request) -> web.StreamResponse:
+            # The fleet's revocations, for the nodes' libvirt daemons (migration over TLS).
+            return web.FileResponse(self.layout.crl, headers={"Content-Type":
+                                                              "application/x-pem-file"})
+
         app.router.add_get("/images/{name}", image)
+        app.router.add_get("/crl", crl)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         tls = client_verifying_context(self.layout.pki / "api.crt", self.layout.pki / "api.key",

@@ -17,6 +17,8 @@ def test_the_example_configs_load_and_match_the_defaults() -> None:
     agent_cfg = config.load(ROOT / "packaging" / "agent.toml")
     assert agent_cfg.telemetry == config.TelemetryConfig()
     assert agent_cfg.broker == config.BrokerConfig()
+    assert agent_cfg.libvirt == config.LibvirtConfig()
+    assert agent_cfg.orders == config.OrdersConfig()
     assert configfile.load(AggregatorConfig, ROOT / "packaging" / "aggregator.toml") == (
         AggregatorConfig())
 
@@ -33,6 +35,10 @@ def test_the_example_configs_load_and_match_the_defaults() -> None:
         ('[node]\nid = "n1"\n[broker]\nkeepalive_s = true\n', "broker.keepalive_s",
          "expected int"),
         ("[node\n", "", "not valid TOML"),
+        ('[node]\nid = "n1"\n[libvirt]\nmigration_transport = "ssh"\n', "libvirt",
+         "must be tls or tcp"),
+        ('[node]\nid = "n1"\n[libvirt]\nmigration_address = "10.0.0.1/24"\n', "libvirt",
+         "not a host address"),
         ('[node]\nid = "n1"\n[telemetry]\ninterval_s = nan\n', "telemetry.interval_s",
          "finite"),
         ('[node]\nid = "n1"\n[telemetry]\npublish_batch = 0\n', "telemetry",

@@ -52,6 +52,10 @@ def test_the_nodes_serve_libvirt_tls_with_their_fleet_certificates(
             f.fleet.layout.ca_cert.read_text()
         key = host.tls_dir / "libvirt" / "private" / "serverkey.pem"
         assert oct(key.stat().st_mode & 0o777) == "0o600"
+        # The fleet's revocations too: a revoked node's certificate opens no libvirtd.
+        assert (host.tls_dir / "CA" / "cacrl.pem").read_text() == \
+            f.fleet.layout.crl.read_text()
+        assert (host.tls_dir / "qemu" / "ca-crl.pem").exists()
         # What lab-a's libvirtd sees when it opens lab-b's over TLS: the fleet's certificate.
     a, b = f.hosts["lab-a"], f.hosts["lab-b"]
     seen = subprocess.run(

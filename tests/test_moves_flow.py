@@ -304,3 +304,27 @@ def test_orders_still_open_for_a_lost_node_are_superseded(
     assert error.startswith("superseded: the VM was restarted on")
     assert orders.due(db.conn, time.time()) == [d for d in orders.due(db.conn, time.time())
                                                 if d.node_id != "si-a"]
+
+
+def test_anti_affinity_counts_the_vms_on_their_way(db: sqlite_utils.Database,
+                                                   ctx: moves.Context) -> None:
+    conn = db.conn
+    made = []
+    for name, node in (("db-1", "si-a"), ("db-2", "si-b")):
+        conn.execute("UPDATE nodes SET cordoned = (id != ?)", (node,))
+        vm = vms.create(conn, ctx.signer, vms.VmRequest.from_json(
+            {"name": name, "vcpus": 1, "memory_mib": 256,
+             "placement": {"anti_affinity": "db"}}), time.time(), ctx.profiles, ctx.live, 600,
+            "test")
+        _report(db, vm["order"], "succeeded", {"state": "running"})
+        made.append(vm["id"])
+    conn.execute("UPDATE nodes SET cordoned = 0")
+    first = moves.start(conn, ctx, made[0], "", moves.MoveSettings(), time.time(), "test")
+    assert first["dest"] == "si-c"  # not si-b, where db-2 runs
+    # db-1 is on its way to si-c and still on si-a: db-2 has nowhere to go.
+    with pytest.raises(vms.Refused) as err:
+        moves.start(conn, ctx, made[1], "", moves.MoveSettings(), time.time(), "test")
+    assert err.value.code == "no_placement"
+    with pytest.raises(vms.Refused) as err:
+        moves.start(conn, ctx, made[1], "si-c", moves.MoveSettings(), time.time(), "test")
+    assert "anti-affinity: already runs a VM of group db" in str(err.value)
