@@ -620,7 +620,7 @@ _MOVE_BODY: dict[str, Any] = {
     "properties": {
         "to": {"type": "string", "description": "the destination node (default: placement)"},
         "mode": {"type": "string", "enum": ["live", "cold"]},
-        "max_downtime_ms": {"type": "integer", "minimum": 1, "default": 500},
+        "max_downtime_ms": {"type": "integer", "minimum": 1, "default": 300},
         "bandwidth_mib_s": {"type": "integer", "minimum": 0, "default": 0,
                             "description": "0: no limit"},
         "auto_converge": {"type": "boolean", "default": True},

@@ -60,7 +60,7 @@ class MoveSettings:
     """How one VM moves; the defaults are what an operator should want."""
 
     mode: str = "live"  # or "cold"; "auto" (drains): live where possible
-    max_downtime_ms: int = 500
+    max_downtime_ms: int = 300  # QEMU's own default
     bandwidth_mib_s: int = 0  # 0: no limit
     auto_converge: bool = True
     postcopy: bool = False
@@ -533,7 +533,7 @@ def drive(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
                                     " finished_at IS NULL", (drain_id,)).fetchone()[0]
         left = [vm for (vm,) in conn.execute(
             "SELECT id FROM vms WHERE node_id = ? AND deleted_at IS NULL", (node_id,))]
-        if not left:
+        if not left and not still_moving:  # empty, and every VM taken over where it went
             state = "done"
         elif not still_moving and all(vm in tried or _failed_in(conn, drain_id, vm)
                                       for vm in left):

@@ -538,7 +538,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--to", default="", help="the node (default: placement picks)")
     sp.add_argument("--cold", action="store_true", help="stop, copy, start there")
-    sp.add_argument("--max-downtime-ms", type=int, default=500)
+    sp.add_argument("--max-downtime-ms", type=int, default=300)
     sp.add_argument("--bandwidth", type=int, default=0, help="MiB/s (0: no limit)")
     sp.add_argument("--timeout", type=int, default=300, help="abort after this many seconds")
     sp.add_argument("--no-auto-converge", action="store_true")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Drain of a node with --vms VMs on libvirt test-driver hosts: time to empty (orders only).
 
-Runs `virt8ra demo --nodes 2` in-process (aggregator.demo.Demo: the aggregator with its
-managed Mosquitto, two simulated nodes as agent processes). --vms VMs (1 vCPU, 64 MiB, no
-disk) are created on the first node (the second cordoned meanwhile). Then, for each
+Runs `virt8ra demo --nodes 6` in-process (aggregator.demo.Demo: the aggregator with its
+managed Mosquitto, six simulated nodes as agent processes, two of them rack servers with room
+for the VMs). --vms VMs (1 vCPU, 64 MiB, no disk, placed on the rack-server profile) are
+created on the first rack server (the second cordoned meanwhile). Then, for each
 --parallel value, the node holding them is drained (`POST /api/v1/nodes/{id}/drain`, cold
 moves: test-driver nodes run no QEMU) and the time from the request to the drain's end as
 the aggregator records it (`finished_at`) is reported, with the moves' own durations; the
@@ -56,15 +57,16 @@ def main() -> int:
     args = p.parse_args()
     install_sigterm_as_interrupt()
     root = make_data_dir("drain")
-    demo = Demo(root / "demo", 2, free_port(), 0, 2.0, Console(stderr=True))
+    demo = Demo(root / "demo", 6, free_port(), 0, 2.0, Console(stderr=True))
     try:
         api = demo.start()
         demo.wait_online(api)
-        first, second = (n.id for n in demo.nodes)
+        first, second = (n.id for n in demo.nodes if n.profile == "rack-server")
         api.post(f"/api/v1/nodes/{second}/cordon", {})
         log(f"creating {args.vms} VMs on {first}")
         for i in range(args.vms):
-            api.post("/api/v1/vms", {"name": f"drain-{i}", "vcpus": 1, "memory_mib": 64})
+            api.post("/api/v1/vms", {"name": f"drain-{i}", "vcpus": 1, "memory_mib": 64,
+                                     "placement": {"profile": "rack-server"}})
         wait_running(api, args.vms)
         rows, holder, other = [], first, second
         for parallel in (int(x) for x in args.parallel.split(",")):

@@ -114,7 +114,7 @@ def test_a_live_move_goes_receive_migrate_adopt_and_the_vm_changes_node_once(
     assert isinstance(order, Order)
     assert order.params == {"vm_uuid": vm_id, "dest": "si-b", "mode": "live",
                             "dest_country": "SI", "dest_provider": "arnes", **PREPARED,
-                            "max_downtime_ms": 500, "auto_converge": True, "postcopy": False,
+                            "max_downtime_ms": 300, "auto_converge": True, "postcopy": False,
                             "timeout_s": 300.0}
     assert order.expires_at - order.issued_at >= 300 + moves.MIGRATE_TTL_MARGIN_S
     assert _where(db, vm_id) == ("si-a", "running")  # not before the source says so

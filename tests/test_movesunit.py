@@ -197,7 +197,7 @@ def test_a_bad_transport_refuses_the_order() -> None:
 
 def test_move_settings_default_to_a_live_move_with_auto_converge() -> None:
     settings = MoveSettings.from_json({})
-    assert settings == MoveSettings(mode="live", max_downtime_ms=500, bandwidth_mib_s=0,
+    assert settings == MoveSettings(mode="live", max_downtime_ms=300, bandwidth_mib_s=0,
                                     auto_converge=True, postcopy=False, timeout_s=300.0)
     assert type(settings.timeout_s) is float
     assert MoveSettings() == settings
