@@ -534,8 +534,9 @@ class OrderRunner:
                 raise Refused("a migration of the VM is still arriving: ask again")
             return {"present": True, "state": state}
         want = await self._journal.desired_of(uuid)
-        if want is not None and want.state == "incoming":
-            await self._journal.forget(uuid)
+        if want is None or want.state == "incoming":  # prepared (or half, by a refused one)
+            if want is not None:
+                await self._journal.forget(uuid)
             shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
         return {"present": False}
 

@@ -249,10 +249,10 @@ def test_a_bad_move_setting_is_an_invalid_request(body: Any, reason: str) -> Non
 
 
 def test_move_params_leave_out_an_unlimited_bandwidth() -> None:
-    assert MoveSettings().params() == {"max_downtime_ms": 500, "auto_converge": True,
+    assert MoveSettings().params() == {"max_downtime_ms": 300, "auto_converge": True,
                                        "postcopy": False, "timeout_s": 300.0}
     assert MoveSettings(bandwidth_mib_s=100, postcopy=True).params() == {
-        "max_downtime_ms": 500, "bandwidth_mib_s": 100, "auto_converge": True,
+        "max_downtime_ms": 300, "bandwidth_mib_s": 100, "auto_converge": True,
         "postcopy": True, "timeout_s": 300.0}
 
 
