@@ -4,7 +4,10 @@ States: ``pending`` (stored, not yet published) → ``sent`` → ``accepted`` (t
 it) → ``succeeded`` | ``failed``; or ``expired`` when it could not finish by its expiry.
 An unfinished order is published again, in sequence, when its node comes back online and
 with backoff while it stays unanswered; the node answers a duplicate with its recorded
-result, so nothing runs twice. Each node's orders are numbered; the node refuses a number
+result, so nothing runs twice. An accepted order is asked about again the same way (every
+:data:`ACCEPTED_RECHECK_S` at first): its final report may have been lost (a broker that
+crashed after acknowledging it), and the node answers with the outcome it recorded, or
+nothing while it still runs. Each node's orders are numbered; the node refuses a number
 it has already seen.
 
 The functions take a sqlite3 connection (or the store's sqlite-utils Database) and run on the
@@ -29,6 +32,7 @@ OPEN: Final = ("pending", "sent", "accepted")
 VM_ACTIONS: Final = ("create", "start", "stop", "reboot", "delete")
 FINAL: Final = ("succeeded", "failed", "expired")
 RETRY_MIN_S, RETRY_MAX_S = 2.0, 60.0
+ACCEPTED_RECHECK_S: Final = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +74,11 @@ def issue(conn: sqlite3.Connection, signer: OrderSigner, node_id: str, vm_id: st
 
 
 def due(conn: sqlite3.Connection, now: float, limit: int = 500) -> list[Due]:
-    """Orders to publish now: unanswered, not expired, their node online; in sequence."""
+    """Orders to publish now: unfinished, not expired, their node online; in sequence."""
     return [Due(*row) for row in conn.execute(
         "SELECT o.id, o.node_id, o.seq, o.payload FROM orders o JOIN nodes n ON n.id = o.node_id"
-        " WHERE o.state IN ('pending', 'sent') AND o.next_attempt_at <= ? AND o.expires_at > ?"
+        " WHERE o.state IN ('pending', 'sent', 'accepted') AND o.next_attempt_at <= ?"
+        " AND o.expires_at > ?"
         " AND n.reported_status = 'online' AND n.revoked_at IS NULL"
         " ORDER BY o.node_id, o.seq LIMIT ?", (now, now, limit),
     )]
@@ -83,19 +88,25 @@ def mark_sent(conn: sqlite3.Connection, order_ids: list[str], now: float) -> Non
     for order_id in order_ids:
         row = conn.execute("SELECT state, attempts FROM orders WHERE id = ?",
                            (order_id,)).fetchone()
-        if row is None or row[0] not in ("pending", "sent"):
+        if row is None or row[0] not in OPEN:
             continue  # answered meanwhile
         attempts = row[1] + 1
         delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
+        if row[0] == "accepted":  # asked how it ended; it stays accepted until it says
+            conn.execute("UPDATE orders SET attempts = ?, next_attempt_at = ? WHERE id = ?",
+                         (attempts, now + max(delay, ACCEPTED_RECHECK_S), order_id))
+            _history(conn, order_id, now, "accepted", f"asked again (attempt {attempts})")
+            continue
         conn.execute("UPDATE orders SET state = 'sent', attempts = ?, updated_at = ?,"
                      " next_attempt_at = ? WHERE id = ?", (attempts, now, now + delay, order_id))
         _history(conn, order_id, now, "sent", f"attempt {attempts}")
 
 
 def node_online(conn: sqlite3.Connection, node_id: str, now: float) -> None:
-    """The node (re)connected: its unanswered orders go out again at once, in sequence."""
+    """The node (re)connected: its unfinished orders go out again at once, in sequence (an
+    accepted one too: its report may have been lost with the connection)."""
     conn.execute("UPDATE orders SET next_attempt_at = ? WHERE node_id = ? AND state IN"
-                 " ('pending', 'sent')", (now, node_id))
+                 " ('pending', 'sent', 'accepted')", (now, node_id))
 
 
 def expire(conn: sqlite3.Connection, now: float) -> int:
@@ -141,6 +152,9 @@ def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
         return
     conn.execute("UPDATE orders SET state = ?, updated_at = ?, result = ?, error = ? WHERE id = ?",
                  (new, now, json.dumps(report.result), report.error, report.order_id))
+    if new == "accepted":
+        conn.execute("UPDATE orders SET next_attempt_at = ? WHERE id = ?",
+                     (now + ACCEPTED_RECHECK_S, report.order_id))
     _history(conn, report.order_id, now, new,
              "reported after the order had expired" if late else report.error)
     if new != "accepted" and vm_id and action in VM_ACTIONS:

@@ -328,3 +328,22 @@ def test_anti_affinity_counts_the_vms_on_their_way(db: sqlite_utils.Database,
     with pytest.raises(vms.Refused) as err:
         moves.start(conn, ctx, made[1], "si-c", moves.MoveSettings(), time.time(), "test")
     assert "anti-affinity: already runs a VM of group db" in str(err.value)
+
+
+def test_an_accepted_order_is_asked_about_again_until_its_end_is_reported(
+        db: sqlite_utils.Database, ctx: moves.Context) -> None:
+    """Its final report may be lost (a broker crash after acknowledging it): the node answers
+    a repeat with the outcome it recorded."""
+    vm_id = _vm(db, ctx, "quiet", "si-a")
+    order = vms.act(db.conn, ctx.signer, vm_id, "stop", time.time(), 600, "t")["order"]
+    _report(db, order, "accepted")
+    now = time.time()
+    assert order not in {d.order_id for d in orders.due(db.conn, now)}
+    later = now + orders.ACCEPTED_RECHECK_S + 1
+    assert order in {d.order_id for d in orders.due(db.conn, later)}
+    orders.mark_sent(db.conn, [order], later)
+    (state,) = db.execute("SELECT state FROM orders WHERE id = ?", [order]).fetchone()
+    assert state == "accepted"  # still; only asked again
+    assert order not in {d.order_id for d in orders.due(db.conn, later + 1)}
+    _report(db, order, "succeeded", {"state": "shut off"})
+    assert order not in {d.order_id for d in orders.due(db.conn, later + 3600)}

@@ -92,6 +92,15 @@ def rig(root_dir: Path) -> Iterator[Rig]:
         assert rig.aggregator.stop() in (0, None)  # None: a test stopped it and failed
 
 
+@pytest.fixture(autouse=True)
+def every_node_online(rig: Rig) -> None:
+    """Tests restart brokers, aggregators and agents on purpose: each test starts with every
+    node back (an agent reconnects with a backoff of a few seconds)."""
+    for node in rig.agents:
+        wait_for(lambda node=node: rig.fleet.node(node)["status"] == "online", timeout_s=30,
+                 what=f"{node} online")
+
+
 def _spec(name: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "vcpus": 1, "memory_mib": 256, "disk_gib": 1,
             "boot": {"image": "tiny"}, **extra}
