@@ -89,8 +89,7 @@ class Agent:
                     config.libvirt.domain_type),
             lambda: client_context(c.ca_file, c.cert_file, c.key_file),
             lambda make: self._append("events", make),
-            Migration(config.libvirt.migration_address, config.libvirt.migration_transport,
-                      config.libvirt.tls_dir),
+            Migration(config.libvirt.migration_address, config.libvirt.migration_transport),
             o.lease_s,
         )
 

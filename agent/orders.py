@@ -95,11 +95,11 @@ class Migration:
 
     address: str = ""  # where other nodes' libvirtd reach this one's; "": none comes in
     transport: str = "tls"  # or "tcp" (a closed lab network only)
-    tls_dir: Path = Path("/etc/pki")
 
     def uri(self, peer: str) -> str:
         """The libvirt URI this node's libvirtd uses to reach ``peer``'s (peer to peer); over
-        TLS it reads its client certificate from libvirt's default paths (``tls_dir``)."""
+        TLS it reads its client certificate from libvirt's default paths (the daemon writes
+        them there: ``[libvirt] tls_dir``)."""
         try:
             return libvirttls.migration_uri(peer, transport=self.transport)
         except libvirttls.LibvirtTlsError as exc:

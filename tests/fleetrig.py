@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from agent.enroll import EnrollOptions, enroll
-from aggregator.client import ApiClient
 from aggregator.guestimage import TICK_PREFIX, TinyGuest
 from aggregator.tworig import Host, TwoHosts
-from tests.rig import Fleet, Process, tweak_config, wait_for
+from tests.rig import Fleet, FleetApi, Process, tweak_config, wait_for
 
 RIG_NAME = "v8fleet"  # not the raw rig's (tests/test_tworig.py): both may be up at once
 NODES = {  # node id -> where its certificate says it is
@@ -30,21 +29,13 @@ TICK = re.compile(rf"{TICK_PREFIX} (\d+)\n")
 
 
 @dataclass
-class TwoHostFleet:
+class TwoHostFleet(FleetApi):
     rig: TwoHosts
     fleet: Fleet
     aggregator: Process
     agents: dict[str, Process]
     hosts: dict[str, Host]  # node id -> its libvirt host
     guest: TinyGuest
-
-    @property
-    def api(self) -> ApiClient:
-        return self.fleet.api()
-
-    def vm(self, ref: str) -> dict[str, Any]:
-        found: dict[str, Any] = self.api.get(f"/api/v1/vms/{ref}")
-        return found
 
     def disks(self, node: str) -> Path:
         return self.fleet.dir / "nodes" / node / "state" / "disks"
@@ -73,14 +64,6 @@ class TwoHostFleet:
         if order is not None:
             wait_for(lambda: self.api.get(f"/api/v1/orders/{order}")["state"] in (
                 "succeeded", "failed", "expired"), timeout_s=60, what=f"{ref} deleted")
-
-    def wait_move(self, move_id: str, timeout_s: float = 120) -> dict[str, Any]:
-        def ended() -> dict[str, Any] | None:
-            move: dict[str, Any] = self.api.get(f"/api/v1/moves/{move_id}")
-            return move if move["finished_at"] is not None else None
-
-        return wait_for(ended, timeout_s=timeout_s, interval_s=0.2,
-                        what=f"move {move_id} to end")
 
 
 @pytest.fixture(scope="session")

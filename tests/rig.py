@@ -251,3 +251,25 @@ class Cutter:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
             src.close()
+
+
+class FleetApi:
+    """The API calls the full-stack test rigs share; ``fleet`` is set by the rig."""
+
+    fleet: Fleet
+
+    @property
+    def api(self) -> ApiClient:
+        return self.fleet.api()
+
+    def vm(self, ref: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.api.get(f"/api/v1/vms/{ref}")
+        return found
+
+    def wait_move(self, move_id: str, timeout_s: float = 120) -> dict[str, Any]:
+        def ended() -> dict[str, Any] | None:
+            move: dict[str, Any] = self.api.get(f"/api/v1/moves/{move_id}")
+            return move if move["finished_at"] is not None else None
+
+        return wait_for(ended, timeout_s=timeout_s, interval_s=0.2,
+                        what=f"move {move_id} to end")

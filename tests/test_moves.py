@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from aggregator.client import ApiClient, ApiClientError
-from tests.rig import Cutter, Fleet, Process, tweak_config, wait_for
+from aggregator.client import ApiClientError
+from tests.rig import Cutter, Fleet, FleetApi, Process, tweak_config, wait_for
 
 SI_1 = {"site": "ljubljana-tower-7", "country": "SI", "provider": "telekom-slovenije"}
 SI_2 = {"site": "maribor-tower-2", "country": "SI", "provider": "telekom-slovenije"}
@@ -23,32 +23,17 @@ LEASE_S, GRACE_S = 3.0, 2.0
 
 
 @dataclass
-class Rig:
+class Rig(FleetApi):
     fleet: Fleet
     aggregator: Process
     agents: dict[str, Process]
     cutter: Cutter  # si-tower-02's way to the broker
-
-    @property
-    def api(self) -> ApiClient:
-        return self.fleet.api()
-
-    def vm(self, ref: str) -> dict[str, Any]:
-        found: dict[str, Any] = self.api.get(f"/api/v1/vms/{ref}")
-        return found
 
     def create(self, name: str, **extra: Any) -> dict[str, Any]:
         made: dict[str, Any] = self.api.post("/api/v1/vms", {
             "name": name, "vcpus": 1, "memory_mib": 256, **extra})
         wait_for(lambda: self.vm(name)["actual_state"] == "running", what=f"{name} running")
         return made
-
-    def wait_move(self, move_id: str, timeout_s: float = 30) -> dict[str, Any]:
-        def ended() -> dict[str, Any] | None:
-            move: dict[str, Any] = self.api.get(f"/api/v1/moves/{move_id}")
-            return move if move["finished_at"] is not None else None
-
-        return wait_for(ended, timeout_s=timeout_s, what=f"move {move_id} to end")
 
     def journal(self, node: str) -> dict[str, str]:
         """The node's own desired state per VM, from its journal."""
