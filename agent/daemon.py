@@ -52,18 +52,19 @@ class Agent:
         self.spool = Spool(config.telemetry.spool_path, config.telemetry.spool_max_messages)
         self.sampler = HostSampler()
         self.hypervisor: Hypervisor | None = None
-        self._libvirt_crl: str | None = None  # what libvirt was last given
-        self._libvirt_cert = b""
+        self._libvirt_given: tuple[str | None, str] | None = None  # (CRL, certificate)
         self._inventory: Inventory | None = None
         # None is the stop sentinel.
         self._events: asyncio.Queue[DomainEvent | None] = asyncio.Queue(maxsize=10_000)
         c = config.broker
+        # Made anew for each connection: the certificate is renewed while the agent runs.
+        self._tls = lambda: client_context(c.ca_file, c.cert_file, c.key_file)
         self.uplink = Uplink(
             UplinkSettings(
                 node=config.node.id,
                 host=c.host,
                 port=c.port,
-                tls=lambda: client_context(c.ca_file, c.cert_file, c.key_file),
+                tls=self._tls,
                 keepalive_s=c.keepalive_s,
                 connect_timeout_s=c.connect_timeout_s,
                 backoff_initial_s=c.backoff_initial_s,
@@ -87,7 +88,7 @@ class Agent:
             NodeLimits(config.node.country, config.node.provider, _reservations(config)),
             Storage(o.images_dir, o.disks_dir, o.images_url, o.shutdown_timeout_s,
                     config.libvirt.domain_type),
-            lambda: client_context(c.ca_file, c.cert_file, c.key_file),
+            self._tls,
             lambda make: self._append("events", make),
             Migration(config.libvirt.migration_address, config.libvirt.migration_transport),
             o.lease_s,
@@ -113,7 +114,6 @@ class Agent:
 
     async def run(self) -> None:
         await self.identity.check()  # an expired certificate: nothing here can fix that
-        await self._libvirt_tls()
         await self.spool.open()
         await self.journal.open()
         # Read before anything touches it: how long the node was out of touch counts.
@@ -170,54 +170,55 @@ class Agent:
         and libvirtd told to reload them: live migration between nodes runs on the fleet's
         own CA, and a revoked node's certificate opens no libvirtd. Only for a node that
         takes migrations over TLS; a failure is logged (migration fails, the rest goes on).
-        Without a fresh CRL the one written before stays."""
+        Without a fresh CRL the one written before stays; nothing new, nothing written."""
         lv, c = self.config.libvirt, self.config.broker
         if not lv.migration_address or lv.migration_transport != "tls":
             return
         crl_file = lv.tls_dir / "CA" / "cacrl.pem"
         try:
-            crl: str | None = await images.fetch_crl(
-                self.config.orders.images_url,
-                lambda: client_context(c.ca_file, c.cert_file, c.key_file))
+            crl: str | None = await images.fetch_crl(self.config.orders.images_url, self._tls)
         except images.ImageError as exc:
             log.warning("%s; libvirt keeps the CRL it has", exc)
             crl = crl_file.read_text() if crl_file.exists() else None
-        if crl is not None and crl == self._libvirt_crl and self._libvirt_cert == \
-                c.cert_file.read_bytes():
-            return  # nothing new
         try:
             group = grp.getgrnam(QEMU_GROUP).gr_gid if os.geteuid() == 0 else None
         except KeyError:
             group = None
 
-        def write() -> str | None:
+        def write() -> tuple[str, str | None] | None:
             ca, cert, key = c.ca_file.read_text(), c.cert_file.read_text(), c.key_file.read_text()
+            if (crl, cert) == self._libvirt_given:
+                return None
             libvirttls.write_tls_files(lv.tls_dir, ca_pem=ca, cert_pem=cert, key_pem=key,
                                        crl_pem=crl, layout="system")
             libvirttls.write_tls_files(lv.tls_dir / "qemu", ca_pem=ca, cert_pem=cert,
                                        key_pem=key, crl_pem=crl, layout="qemu",
                                        key_group=group)
-            return libvirttls.reload_tls(lv.admin_uri)
+            return cert, libvirttls.reload_tls(lv.admin_uri)
 
         try:
-            failed = await asyncio.to_thread(write)
+            done = await asyncio.to_thread(write)
         except (OSError, ValueError) as exc:
             log.error("cannot write libvirt's TLS files under %s: %s", lv.tls_dir, exc)
             return
+        if done is None:
+            return
+        cert, failed = done
         if failed:
             log.error("libvirtd did not reload its TLS files: %s", failed)
             return
-        self._libvirt_crl, self._libvirt_cert = crl, c.cert_file.read_bytes()
+        self._libvirt_given = (crl, cert)
         log.info("libvirt's TLS files under %s: this node's certificate%s", lv.tls_dir,
                  " and the fleet's CRL" if crl else "")
 
     async def _keep_libvirt_tls(self) -> None:
-        """The CRL changes when a node is revoked: fetched again every few minutes."""
+        """At start, then every few minutes: the CRL changes when a node is revoked (and a
+        renewal rewrites the files itself). In a task of its own: an unreachable aggregator
+        does not hold the agent's start up."""
         while not self.stop.is_set():
+            await self._libvirt_tls()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=LIBVIRT_CRL_EVERY_S)
-            if not self.stop.is_set():
-                await self._libvirt_tls()
 
     async def _keep_identity(self) -> None:
         try:

@@ -288,10 +288,8 @@ async def ca_certificate(request: web.Request) -> web.Response:
 
 async def _reason(request: web.Request) -> str:
     """The optional ``{"reason": text}`` body of a node action, for the audit trail."""
-    if not request.can_read_body:
-        return ""
-    body = await _json_body(request)
-    if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
+    body = await _object_body(request)
+    if not isinstance(body.get("reason", ""), str):
         raise ApiError(400, "invalid_request", 'body must be {"reason": string}')
     return str(body.get("reason", ""))[:500]
 

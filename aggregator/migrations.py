@@ -390,6 +390,9 @@ def _m007_moves(db: sqlite_utils.Database) -> None:
         CREATE INDEX moves_open_step ON moves (step_order) WHERE finished_at IS NULL;
         CREATE INDEX moves_vm ON moves (vm_id, created_at);
         CREATE INDEX moves_drain ON moves (drain_id) WHERE drain_id IS NOT NULL;
+        -- The dispatcher looks every turn for VMs to restart after a node loss: only these.
+        CREATE INDEX vms_restart_on_loss ON vms (node_id) WHERE on_node_loss = 'restart'
+            AND deleted_at IS NULL;
         CREATE TRIGGER moves_hold AFTER INSERT ON moves
             WHEN NEW.finished_at IS NULL AND NEW.dest != '' BEGIN
             INSERT INTO node_usage VALUES (NEW.dest, NEW.vcpus, NEW.memory_mib, NEW.disk_gib, 0)

@@ -505,51 +505,52 @@ def drive(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
     for drain_id, node_id, parallel, settings, actor in conn.execute(
             "SELECT id, node_id, parallel, settings, actor FROM drains WHERE finished_at IS"
             " NULL").fetchall():
-        here = [vm for (vm,) in conn.execute(
-            "SELECT id FROM vms WHERE node_id = ? AND deleted_at IS NULL ORDER BY name",
-            (node_id,))]
-        moving = {vm for (vm,) in conn.execute(
-            "SELECT vm_id FROM moves WHERE drain_id = ? AND finished_at IS NULL", (drain_id,))}
-        tried = {vm for (vm,) in conn.execute(
-            "SELECT vm_id FROM moves WHERE drain_id = ? AND state = 'failed'", (drain_id,))}
-        waiting = [vm for vm in here if vm not in moving and vm not in tried]
-        room = parallel - len(moving)
-        s = MoveSettings(**json.loads(settings))
-        for vm_id in waiting[:max(room, 0)]:
-            try:
-                start(conn, ctx, vm_id, "", s, now, actor, drain_id)
-                started += 1
-            except Refused as exc:  # recorded as a failed move: the drain reports it
-                if exc.code in ("busy", "moving", "source_offline"):
-                    continue  # its turn comes later (its own order ends, its node is back)
-                conn.execute(
-                    "INSERT INTO moves (id, vm_id, source, mode, state, settings, error,"
-                    " drain_id, actor, created_at, updated_at, finished_at) VALUES (?, ?, ?,"
-                    " ?, 'failed', ?, ?, ?, ?, ?, ?, ?)",
-                    ("mv-" + uuid.uuid4().hex[:16], vm_id, node_id, s.mode, settings,
-                     str(exc), drain_id, actor, now, now, now))
-                moving.discard(vm_id)
-        still_moving = conn.execute("SELECT count(*) FROM moves WHERE drain_id = ? AND"
-                                    " finished_at IS NULL", (drain_id,)).fetchone()[0]
-        left = [vm for (vm,) in conn.execute(
-            "SELECT id FROM vms WHERE node_id = ? AND deleted_at IS NULL", (node_id,))]
-        if not left and not still_moving:  # empty, and every VM taken over where it went
-            state = "done"
-        elif not still_moving and all(vm in tried or _failed_in(conn, drain_id, vm)
-                                      for vm in left):
-            state = "incomplete"
-        else:
-            continue
-        conn.execute("UPDATE drains SET state = ?, finished_at = ?, updated_at = ? WHERE id = ?",
-                     (state, now, now, drain_id))
-        audit(conn, now, actor, "node.drain." + state, node_id, drain=drain_id,
-              left=len(left))
+        with _each(conn, f"drain {drain_id}"):
+            started += _drive_one(conn, ctx, now, drain_id, node_id, parallel,
+                                  MoveSettings(**json.loads(settings)), actor)
     return started
 
 
-def _failed_in(conn: sqlite3.Connection, drain_id: str, vm_id: str) -> bool:
-    return conn.execute("SELECT 1 FROM moves WHERE drain_id = ? AND vm_id = ? AND state ="
-                        " 'failed'", (drain_id, vm_id)).fetchone() is not None
+def _drive_one(conn: sqlite3.Connection, ctx: Context, now: float, drain_id: str,
+               node_id: str, parallel: int, settings: MoveSettings, actor: str) -> int:
+    def in_drain(condition: str) -> set[str]:
+        return {vm for (vm,) in conn.execute(
+            f"SELECT vm_id FROM moves WHERE drain_id = ? AND {condition}", (drain_id,))}
+
+    def here() -> list[str]:
+        return [vm for (vm,) in conn.execute(
+            "SELECT id FROM vms WHERE node_id = ? AND deleted_at IS NULL ORDER BY name",
+            (node_id,))]
+
+    moving, failed = in_drain("finished_at IS NULL"), in_drain("state = 'failed'")
+    waiting = [vm for vm in here() if vm not in moving and vm not in failed]
+    started = 0
+    for vm_id in waiting[:max(parallel - len(moving), 0)]:
+        try:
+            start(conn, ctx, vm_id, "", settings, now, actor, drain_id)
+            started += 1
+        except Refused as exc:  # recorded as a failed move: the drain reports it
+            if exc.code in ("busy", "moving", "source_offline"):
+                continue  # its turn comes later (its own order ends, its node is back)
+            conn.execute(
+                "INSERT INTO moves (id, vm_id, source, mode, state, settings, error, drain_id,"
+                " actor, created_at, updated_at, finished_at) VALUES (?, ?, ?, ?, 'failed', ?,"
+                " ?, ?, ?, ?, ?, ?)",
+                ("mv-" + uuid.uuid4().hex[:16], vm_id, node_id, settings.mode,
+                 json.dumps(asdict(settings)), str(exc), drain_id, actor, now, now, now))
+    if in_drain("finished_at IS NULL"):
+        return started
+    left = here()
+    if not left:  # empty, and every VM taken over where it went
+        state = "done"
+    elif set(left) <= in_drain("state = 'failed'"):
+        state = "incomplete"
+    else:
+        return started
+    conn.execute("UPDATE drains SET state = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+                 (state, now, now, drain_id))
+    audit(conn, now, actor, "node.drain." + state, node_id, drain=drain_id, left=len(left))
+    return started
 
 
 def drain_json(conn: sqlite3.Connection, node_id: str) -> dict[str, Any] | None:
