@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -312,9 +312,24 @@ def _summary(console: Console, nodes: list[dict[str, object]]) -> None:
     console.print(table)
 
 
+class _SignalSafeConsole(Console):
+    """A console whose printing Ctrl-C and SIGTERM do not cut in half: the demo stops by an
+    exception raised from the signal handler, and one raised inside rich's print leaves its
+    output buffer open, so nothing printed after it would ever show. The signals wait (they
+    are blocked in this thread) until the print is done."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            super().print(*objects, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_demo(data_dir: Path, nodes: int, api_port: int, broker_port: int = 0,
              interval_s: float = 2.0, real: bool = False) -> int:
-    console = Console()
+    console = _SignalSafeConsole()
     if nodes < 1:
         console.print("[red]--nodes must be at least 1[/]")
         return 2
