@@ -145,23 +145,27 @@ class Agent:
             return
         last = self.orders.contact_at_start
         offline_before = max(0.0, time.time() - last) if last is not None else 0.0
-        connected_since_start = fenced = False
-        touched = -CONTACT_EVERY_S
+        fenced_for: float | None = None  # the outage (its down_since) the guests were paused for
+        touched, seen = -CONTACT_EVERY_S, 0
         while not self.stop.is_set():
-            down, now = self.uplink.down_since, time.monotonic()
+            up = self.uplink
+            down, connects, now = up.down_since, up.connects, time.monotonic()
             if down is None:
-                connected_since_start, fenced = True, False
                 if now - touched >= CONTACT_EVERY_S:
                     touched = now
                     await self.journal.touch_contact(time.time())
             else:
-                cut_off = now - down + (0.0 if connected_since_start else offline_before)
-                if not fenced and cut_off > lease:
+                if connects != seen:  # a session came and went since the last look
+                    await self.journal.touch_contact(time.time() - (now - down))
+                cut_off = now - down + (0.0 if connects else offline_before)
+                if fenced_for != down and cut_off > lease:
                     paused, failed = await self.orders.fence()
-                    fenced = not failed  # else: again at the next look
+                    if not failed:  # else: again at the next look
+                        fenced_for = down
                     log.warning("cut off for more than %.0f s: paused %d guest(s) until the"
                                 " aggregator says otherwise%s", lease, paused,
                                 f"; {failed} could not be paused yet" if failed else "")
+            seen = connects
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=min(1.0, lease / 4))
 

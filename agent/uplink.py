@@ -67,6 +67,7 @@ class Uplink:
         self._wake = asyncio.Event()
         # When the session to the broker was last lost (monotonic); None while connected.
         self.down_since: float | None = time.monotonic()
+        self.connects = 0  # sessions so far: one that came and went between looks still counts
 
     def wake(self) -> None:
         """Tell the uplink that the spool has something new, or that it should stop."""
@@ -104,16 +105,9 @@ class Uplink:
                     attempt = 0
                     no_delay(client._client.socket())
                     self.down_since = None
+                    self.connects += 1
                     log.info("connected to %s:%d", self._s.host, self._s.port)
-                    await client.subscribe(topic(self._s.node, "orders"), qos=1)
-                    await client.publish(status_topic, self._status("online"), qos=1, retain=True)
-                    receiver = asyncio.create_task(self._receive(client), name="receive")
-                    try:
-                        await self._drain(client, stop)
-                    finally:
-                        receiver.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                            await receiver
+                    await self._session(client, stop)
                     # Stopping: say so ourselves rather than leave it to the will.
                     await client.publish(status_topic, self._status("offline"), qos=1, retain=True)
                     return
@@ -127,6 +121,24 @@ class Uplink:
             attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.05))
+
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """Subscribe, say ``online``, then drain the spool until ``stop``, while receiving
+        orders. A lost link ends it all at once: the receiver sees it as it happens, while a
+        subscribe or publish waiting for its acknowledgement would wait out the whole timeout
+        (and the lease would count from then)."""
+        receiver = asyncio.create_task(self._receive(client), name="receive")
+        drainer = asyncio.create_task(self._announce_and_drain(client, stop), name="drain")
+        try:
+            done, _ = await asyncio.wait((receiver, drainer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiver, drainer):
+                task.cancel()
+            await asyncio.gather(receiver, drainer, return_exceptions=True)
+        for task in done:
+            task.result()  # the MqttError of a lost link
+        if receiver in done:
+            raise aiomqtt.MqttError("the broker's message stream ended")
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -144,8 +156,12 @@ class Uplink:
                 continue
             self._on_message(msg, payload)
 
-    async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        """Publish spooled messages in order until ``stop``; raises MqttError on link loss."""
+    async def _announce_and_drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """Subscribe to the orders topic, say ``online``, then publish spooled messages in
+        order until ``stop``; raises MqttError on link loss."""
+        await client.subscribe(topic(self._s.node, "orders"), qos=1)
+        await client.publish(topic(self._s.node, "status"), self._status("online"), qos=1,
+                             retain=True)
         while not stop.is_set():
             self._wake.clear()
             batch = await self._spool.pending(self._s.batch)

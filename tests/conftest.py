@@ -31,7 +31,10 @@ def root_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="virt8ra-tests-", dir="/tmp"))
     os.chmod(path, 0o755)  # noqa: S103 - the broker's user must reach it
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if os.environ.get("VIRT8RA_KEEP_TEST_DIR"):  # to read the daemons' logs after a failure
+        print(f"kept {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

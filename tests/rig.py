@@ -188,23 +188,29 @@ def tweak_config(config: Path, **sections: dict[str, Any]) -> None:
 class Cutter:
     """A TCP relay on 127.0.0.1 in front of one port: one node's way to the broker, which a
     test cuts (every connection closed, nothing accepted) and restores, while the others
-    keep theirs."""
+    keep theirs. ``hold`` stops what comes back from the target (acknowledgements stay
+    unanswered) until ``cut``."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self.restore()
 
     def restore(self) -> None:
+        self._flowing.set()
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(16)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def hold(self) -> None:
+        self._flowing.clear()
 
     def cut(self) -> None:
         with self._lock:
@@ -218,6 +224,7 @@ class Cutter:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
+        self._flowing.set()  # held pumps find their sockets closed
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -236,13 +243,14 @@ class Cutter:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, back in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, back), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, back: bool) -> None:
         try:
             while data := src.recv(65536):
+                if back:
+                    self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

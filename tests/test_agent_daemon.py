@@ -1,11 +1,15 @@
 """The agent daemon in-process against a real broker and aggregator: lifecycle events reach
-the fleet API as they happen, and the uplink's backoff stays within its bounds."""
+the fleet API as they happen, a lost link is noticed at once, and the uplink's backoff stays
+within its bounds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 from agent import config
 from agent.daemon import Agent
 from agent.uplink import backoff_delay
-from tests.rig import Fleet, Process, wait_for
+from tests.rig import Cutter, Fleet, Process, tweak_config, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,87 @@ async def test_lifecycle_events_reach_the_api(fleet: Fleet) -> None:
         agent.request_stop()
         await asyncio.wait_for(task, 10)
     assert fleet.node("it-edge-07")["reported_status"] == "offline"
+
+
+async def test_a_lost_link_is_noticed_at_once_with_a_publish_unacknowledged(
+        fleet: Fleet) -> None:
+    """The lease counts from the moment the link is lost: a publish waiting for its
+    acknowledgement when the link goes must not hold that moment back by its timeout."""
+    path = await asyncio.to_thread(fleet.enroll_node, "de-edge-03", profile="edge-server",
+                                   country="DE", provider="ionos", site="berlin-mdc-2")
+    relay = Cutter(fleet.broker_port)
+    tweak_config(path, broker={"port": relay.port, "connect_timeout_s": 30.0})
+    agent = Agent(config.load(path))
+    task = asyncio.create_task(agent.run(), name="agent under test")
+    try:
+        await asyncio.to_thread(wait_for, lambda: agent.uplink.down_since is None,
+                                what="the agent connected")
+        relay.hold()  # the next telemetry's PUBACK never comes back
+        outbox = agent.config.telemetry.spool_path
+        await asyncio.to_thread(wait_for, lambda: _waiting(outbox),
+                                what="a sample waiting for its acknowledgement")
+        await asyncio.sleep(0.5)
+        relay.cut()
+        cut_at = time.monotonic()
+        await asyncio.to_thread(wait_for, lambda: agent.uplink.down_since is not None,
+                                timeout_s=25, what="the agent seeing its link gone")
+        assert agent.uplink.down_since is not None
+        assert agent.uplink.down_since - cut_at < 3.0  # not the 30 s publish timeout
+        relay.restore()
+        await asyncio.to_thread(wait_for, lambda: agent.uplink.down_since is None,
+                                timeout_s=20, what="the agent back")
+        await asyncio.to_thread(wait_for, lambda: not _waiting(outbox),
+                                what="what waited for its acknowledgement sent again")
+    finally:
+        agent.request_stop()
+        await asyncio.wait_for(task, 10)
+        relay.cut()
+
+
+def _waiting(spool: Path) -> int:
+    """How many messages the agent's spool holds unacknowledged."""
+    with contextlib.closing(sqlite3.connect(spool)) as db:
+        (count,) = db.execute("SELECT count(*) FROM outbox").fetchone()
+    return int(count)
+
+
+async def test_every_outage_fences_even_after_a_session_too_short_to_see(
+        fleet: Fleet) -> None:
+    """The node pauses its guests once per outage past its lease. A session that came and
+    went between two looks of the lease (the aggregator may have started guests in it) ends
+    in an outage of its own, which fences again."""
+    path = await asyncio.to_thread(fleet.enroll_node, "fr-edge-05", profile="edge-server",
+                                   country="FR", provider="ovhcloud", site="lyon-mdc-1")
+    relay = Cutter(fleet.broker_port)
+    tweak_config(path, broker={"port": relay.port, "backoff_initial_s": 0.1,
+                               "backoff_max_s": 0.2}, orders={"lease_s": 1.0})
+    agent = Agent(config.load(path))
+    fences: list[float] = []
+    fence = agent.orders.fence
+
+    async def counted() -> tuple[int, int]:
+        fences.append(time.monotonic())
+        return await fence()
+
+    agent.orders.fence = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(agent.run(), name="agent under test")
+    try:
+        await asyncio.to_thread(wait_for, lambda: agent.uplink.connects == 1,
+                                what="the agent connected")
+        relay.cut()
+        await asyncio.to_thread(wait_for, lambda: len(fences) == 1, what="the first fence")
+        relay.restore()
+        await asyncio.to_thread(wait_for, lambda: agent.uplink.connects == 2, interval_s=0.001,
+                                what="the agent back")
+        relay.cut()  # at once: the lease looks every quarter lease
+        await asyncio.to_thread(wait_for, lambda: len(fences) == 2, timeout_s=10,
+                                what="a fence for the second outage")
+        await asyncio.sleep(1.5)
+        assert len(fences) == 2  # once per outage
+    finally:
+        agent.request_stop()
+        await asyncio.wait_for(task, 10)
+        relay.cut()
 
 
 def test_backoff_grows_exponentially_with_full_jitter_and_a_cap() -> None:
