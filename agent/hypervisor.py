@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 import libvirt
 import libvirtaio
 
+from agent.compat import HostOffers, host_offers
 from agent.wire import GuestBlockSample, GuestNicSample, GuestSample, Inventory
 
 STATE_NAMES: Final = {
@@ -315,6 +316,27 @@ class Hypervisor:
         def op() -> tuple[str, ...]:
             try:
                 return domain_types_from_capabilities(self._conn.getCapabilities())
+            except libvirt.libvirtError as exc:
+                raise _wrap(exc) from None
+
+        return await asyncio.to_thread(op)
+
+    async def host_offers(self, domain_type: str) -> HostOffers:
+        """What this host offers guests of ``domain_type``: architecture, machine types and
+        usable CPU models (from the domain capabilities, where the driver has them)."""
+
+        def op() -> HostOffers:
+            try:
+                caps = self._conn.getCapabilities()
+                arch = ET.fromstring(caps).findtext("host/cpu/arch") or ""  # noqa: S314
+                try:
+                    domcaps: str | None = self._conn.getDomainCapabilities(
+                        None, arch.strip() or None, None, domain_type, 0)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                        raise
+                    domcaps = None  # the test driver
+                return host_offers(caps, domcaps, domain_type)
             except libvirt.libvirtError as exc:
                 raise _wrap(exc) from None
 

@@ -30,6 +30,7 @@ import nacl.exceptions
 import nacl.signing
 
 from agent import images, libvirttls
+from agent.compat import HostOffers, guest_needs, misfits
 from agent.domainxml import DomainSpecError, domain_xml, retarget
 from agent.hypervisor import Hypervisor, HypervisorError, MigrationProgress, MigrationResult
 from agent.journal import Desired, Journal
@@ -389,8 +390,9 @@ class OrderRunner:
                           " migration_address is not set")
         await self._check_limits(hv, spec)
         files = await self._prepare(hv, spec)
+        offers = await hv.host_offers(files.domain_type)  # the source checks the guest on it
         return {"address": self._migration.address, "domain_type": files.domain_type,
-                **{k: str(v) for k, v in files.paths().items()}}
+                **offers.as_result(), **{k: str(v) for k, v in files.paths().items()}}
 
     async def _leave(self, hv: Hypervisor, uuid: str, order: Order) -> dict[str, Any]:
         """Migrate, with the VM marked ``leaving`` meanwhile: an agent killed in the middle
@@ -438,6 +440,12 @@ class OrderRunner:
         def report(figures: MigrationProgress) -> None:
             self._progress(order.order_id, figures)
 
+        offers = HostOffers.from_params(p)
+        if offers is not None and (mode == "live" or disk is not None):  # libvirt moves it
+            why = misfits(guest_needs(xml), offers)
+            if why:
+                raise Refused(f"the guest cannot run on {dest} as it runs here: "
+                              + "; ".join(why))
         limits = _limits(p)
         left = order.expires_at - time.time() - ORDER_END_MARGIN_S
         if left < MIGRATION_MIN_S:

@@ -386,6 +386,9 @@ def _migrate(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, s
         **{k: v for k, v in prepared.items()
            if k in ("address", "domain_type", "disk", "kernel", "initrd", "serial")
            and isinstance(v, str)},
+        # What the destination offers guests: the source holds the VM against it.
+        **{f"dest_{k}": v for k, v in prepared.items()
+           if k in ("arch", "machines", "cpu_models") and isinstance(v, str)},
         **MoveSettings(**settings).params(),
     }
     ttl = max(ctx.ttl_s, float(settings.get("timeout_s", 300)) + MIGRATE_TTL_MARGIN_S)

@@ -23,7 +23,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
-from agent.wire import Order, Report, Scalar, VmSpec, encode, order_envelope, signed_bytes
+from agent.wire import (
+    Order,
+    Report,
+    Scalar,
+    VmSpec,
+    decode,
+    encode,
+    order_envelope,
+    signed_bytes,
+)
 from aggregator import residency
 from aggregator.pki import OrderSigner
 
@@ -208,10 +217,12 @@ def order_json(conn: sqlite3.Connection, order_id: str) -> dict[str, Any] | None
     if row is None:
         return None
     out = _row(row)
-    progress, move_id = conn.execute("SELECT progress, move_id FROM orders WHERE id = ?",
-                                     (order_id,)).fetchone()
+    progress, move_id, payload = conn.execute(
+        "SELECT progress, move_id, payload FROM orders WHERE id = ?", (order_id,)).fetchone()
     out["progress"] = json.loads(progress)
     out["move"] = move_id
+    order = decode(bytes(payload))  # as signed and sent
+    out["params"] = dict(order.params) if isinstance(order, Order) else {}
     out["history"] = [
         {"ts": ts, "state": st, "note": note} for ts, st, note in conn.execute(
             "SELECT ts, state, note FROM order_history WHERE order_id = ? ORDER BY ts, rowid",

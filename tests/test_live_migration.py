@@ -13,8 +13,10 @@ import sys
 import time
 from typing import Any
 
+import libvirt
 import pytest
 
+from agent.compat import HostOffers, guest_needs
 from aggregator.client import ApiClientError
 from tests.fleetrig import TwoHostFleet
 from tests.rig import wait_for
@@ -28,6 +30,14 @@ def _qemu_io(disk: str, command: str, *, running: bool) -> str:
         argv[1:1] = ["-r", "-U"]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     return done.stdout
+
+
+def _live_xml(f: TwoHostFleet, node: str, vm_id: str) -> str:
+    conn = libvirt.open(f.hosts[node].uri)
+    try:
+        return str(conn.lookupByUUIDString(vm_id).XMLDesc(0))
+    finally:
+        conn.close()
 
 
 def _on_a(f: TwoHostFleet, name: str, **extra: Any) -> dict[str, Any]:
@@ -87,6 +97,15 @@ def test_a_running_guest_moves_live_and_its_counter_goes_on(
     migrate = next(o for o in done["orders"] if o["action"] == "migrate")
     order = f.api.get(f"/api/v1/orders/{migrate['id']}")
     assert order["result"]["downtime_ms"] == result["downtime_ms"]
+    # The source held the guest against what the destination offers, from its receive.
+    offers = HostOffers.from_params(order["params"])
+    assert offers is not None
+    assert offers.machines
+    assert offers.cpu_models
+    needs = guest_needs(_live_xml(f, "lab-b", vm_id))
+    assert (needs.arch, offers.arch) == ("x86_64", "x86_64")
+    assert needs.machine in offers.machines
+    assert needs.cpu_model in offers.cpu_models
     vm = f.vm("live-1")
     assert (vm["node"], vm["actual_state"]) == ("lab-b", "running")
     wait_for(lambda: len(f.ticks("lab-b", vm_id)) >= 3, timeout_s=30, interval_s=0.5,

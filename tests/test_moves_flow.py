@@ -90,13 +90,15 @@ def _usage(db: sqlite_utils.Database, node: str) -> int:
 
 PREPARED: dict[str, Scalar] = {"address": "10.0.0.2", "domain_type": "qemu",
                                "kernel": "/b/k", "initrd": "/b/i", "serial": "/b/s"}
+OFFERS: dict[str, Scalar] = {"arch": "x86_64", "machines": "pc pc-i440fx-7.2",
+                             "cpu_models": "kvm64 qemu64"}
 
 
 def _to_migrating(db: sqlite_utils.Database, ctx: moves.Context, vm_id: str) -> str:
     move = moves.start(db.conn, ctx, vm_id, "si-b", moves.MoveSettings(), time.time(), "test")
     state, receive, action, node = _step(db, move["move"])
     assert (state, action, node) == ("preparing", "receive", "si-b")
-    _report(db, receive, "succeeded", PREPARED)
+    _report(db, receive, "succeeded", {**PREPARED, **OFFERS, "cores": 4})
     moves.advance(db.conn, ctx, time.time())
     return str(move["move"])
 
@@ -114,6 +116,8 @@ def test_a_live_move_goes_receive_migrate_adopt_and_the_vm_changes_node_once(
     assert isinstance(order, Order)
     assert order.params == {"vm_uuid": vm_id, "dest": "si-b", "mode": "live",
                             "dest_country": "SI", "dest_provider": "arnes", **PREPARED,
+                            # what the destination offers guests, for the source's check
+                            **{f"dest_{k}": v for k, v in OFFERS.items()},
                             "max_downtime_ms": 300, "auto_converge": True, "postcopy": False,
                             "timeout_s": 300.0}
     assert order.expires_at - order.issued_at >= 300 + moves.MIGRATE_TTL_MARGIN_S
