@@ -534,17 +534,19 @@ class OrderRunner:
         return {"state": await hv.state(uuid) or "gone"}, "running" if start else "stopped"
 
     async def _release(self, hv: Hypervisor, uuid: str) -> dict[str, Any]:
-        """A move here failed (or its outcome is unknown): drop what was prepared, unless the
-        VM did arrive; then say so, and keep it."""
+        """A move or restart here failed (or its outcome is unknown): drop what was prepared,
+        unless the VM did arrive; then say so, and keep it. Once this answered "not here",
+        the VM is never made here from an earlier order: those are replays now, and what the
+        journal still wanted of it is forgotten (a restart would define it again)."""
         state = await hv.state(uuid)
         if state is not None:
             if await hv.job_stats(uuid) is not None:
                 raise Refused("a migration of the VM is still arriving: ask again")
             return {"present": True, "state": state}
         want = await self._journal.desired_of(uuid)
+        if want is not None:
+            await self._journal.forget(uuid)
         if want is None or want.state == "incoming":  # prepared (or half, by a refused one)
-            if want is not None:
-                await self._journal.forget(uuid)
             shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
         return {"present": False}
 

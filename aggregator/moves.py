@@ -296,7 +296,8 @@ def _advance_one(conn: sqlite3.Connection, ctx: Context, now: float, move_id: st
     result = json.loads(o_result)
     why = o_error or ("its order expired" if o_state == "expired" else o_state)
     if mode == "restart":  # a create elsewhere: the VM's row follows the create itself
-        _restart_ended(conn, move_id, vm_id, source, dest, o_state, why, now)
+        _restart_step(conn, ctx, move_id, vm_id, source, dest, state, o_state, result, why,
+                      now)
     elif state == "preparing":
         if o_state != "succeeded":
             _release(conn, ctx, vm_id, dest, move_id, now)
@@ -347,21 +348,54 @@ def _advance_one(conn: sqlite3.Connection, ctx: Context, now: float, move_id: st
                     f" take it over: {why}", now, json.loads(kept))
 
 
-def _restart_ended(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str, dest: str,
-                   o_state: str, why: str, now: float) -> None:
-    if o_state == "succeeded":  # it runs at dest: the lost node's copy goes when it returns
-        conn.execute("INSERT INTO evictions (vm_id, node_id, created_at) VALUES (?, ?, ?) ON"
-                     " CONFLICT (vm_id, node_id) DO UPDATE SET done_at = NULL, order_id ="
-                     " NULL", (vm_id, lost, now))
-        _finish(conn, move_id, vm_id, "succeeded", "", now)
-    elif o_state == "failed":  # nothing was made at dest: it is still (paused) where it was
-        conn.execute("UPDATE vms SET node_id = ?, actual_state = 'unknown' WHERE id = ?",
-                     (lost, vm_id))
-        _finish(conn, move_id, vm_id, "failed", f"restart on {dest} failed: {why}; the VM is"
-                f" still on {lost}", now)
-    else:  # expired: it may still start at dest; the lost node's copy is kept, never evicted
-        _finish(conn, move_id, vm_id, "failed", f"restart on {dest}: its create order"
-                f" expired, the outcome is unknown; the copy on {lost} is kept", now)
+def _restart_step(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, lost: str,
+                  dest: str, state: str, o_state: str, result: dict[str, Any], why: str,
+                  now: float) -> None:
+    """A restart's create ended, or the question after it was answered. A create that
+    expired may still have been taken: the destination is asked (``release``: it never makes
+    the VM from that order after answering) before the VM counts as still on the lost node,
+    where it is restarted from again later."""
+    if state == "migrating" and o_state == "succeeded":
+        _restarted(conn, move_id, vm_id, lost, now)
+    elif state == "migrating" and o_state == "failed":  # nothing was made at dest
+        _back_on(conn, move_id, vm_id, lost, f"restart on {dest} failed: {why}", now)
+    elif state == "migrating":  # expired: whether dest made it is for dest to say
+        conn.execute("UPDATE moves SET error = ? WHERE id = ?",
+                     (f"restart on {dest}: its create order expired", move_id))
+        _step(conn, move_id, "releasing", _release(conn, ctx, vm_id, dest, move_id, now), now)
+    elif o_state == "succeeded" and result.get("present") is True:  # it was made after all
+        conn.execute("UPDATE vms SET node_id = ?, actual_state = ?, updated_at = ? WHERE id"
+                     " = ?", (dest, str(result.get("state", "unknown")), now, vm_id))
+        if not residency.staying(conn, vm_id, dest):
+            residency.append(conn, vm_id, "arrived", dest, now)
+        _restarted(conn, move_id, vm_id, lost, now)
+    elif o_state == "succeeded":
+        _back_on(conn, move_id, vm_id, lost, f"restart on {dest}: its create order expired"
+                 f" before {dest} took it", now)
+    elif _count(conn, move_id, "release") < MAX_ASKS:
+        _step(conn, move_id, "releasing", _release(conn, ctx, vm_id, dest, move_id, now), now)
+    else:
+        _finish(conn, move_id, vm_id, "failed", f"restart on {dest}: its create order expired"
+                f" and {dest} did not say whether it made the VM ({why}); the copy on {lost}"
+                " is kept", now)
+
+
+def _restarted(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str,
+               now: float) -> None:
+    """It runs at the destination: the lost node's copy goes when that node returns."""
+    conn.execute("INSERT INTO evictions (vm_id, node_id, created_at) VALUES (?, ?, ?) ON"
+                 " CONFLICT (vm_id, node_id) DO UPDATE SET done_at = NULL, order_id = NULL",
+                 (vm_id, lost, now))
+    _finish(conn, move_id, vm_id, "succeeded", "", now)
+
+
+def _back_on(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str, why: str,
+             now: float) -> None:
+    """Nothing was made at the destination: the VM is still (paused) on the lost node, and
+    is restarted from there again after ``RESTART_RETRY_S``."""
+    conn.execute("UPDATE vms SET node_id = ?, actual_state = 'unknown' WHERE id = ?",
+                 (lost, vm_id))
+    _finish(conn, move_id, vm_id, "failed", f"{why}; the VM is still on {lost}", now)
 
 
 def _count(conn: sqlite3.Connection, move_id: str, action: str) -> int:

@@ -185,7 +185,7 @@ def _vm_order_ended(conn: sqlite3.Connection, vm_id: str, action: str, outcome: 
         state = str(result.get("state", actual))
         conn.execute("UPDATE vms SET actual_state = ?, state_reason = '', updated_at = ?"
                      " WHERE id = ?", (state, now, vm_id))
-        if action == "create" and node_id:
+        if action == "create" and node_id and not residency.staying(conn, vm_id, node_id):
             residency.append(conn, vm_id, "arrived", node_id, now)
         elif action == "delete":
             conn.execute("UPDATE vms SET deleted_at = ?, actual_state = 'deleted' WHERE id = ?",

@@ -41,6 +41,13 @@ def append(conn: sqlite3.Connection, vm_id: str, event: str, node_id: str, ts: f
                  (digest, seq, vm_id))
 
 
+def staying(conn: sqlite3.Connection, vm_id: str, node_id: str) -> bool:
+    """Whether the record has the VM at ``node_id`` now: arrived there, and not left since."""
+    row = conn.execute("SELECT event FROM residency WHERE vm_id = ? AND node_id = ? ORDER BY"
+                       " seq DESC LIMIT 1", (vm_id, node_id)).fetchone()
+    return row is not None and row[0] == "arrived"
+
+
 def verify(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any]:
     """``{"entries": [...], "chain_valid": bool, "broken_at": seq | None, "events": n}``.
     Entries are stays: node, provider, country, site, ``from`` and ``until`` (None: still

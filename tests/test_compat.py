@@ -4,24 +4,12 @@ of a guest virt8ra made there (``tests/data``, captured from the two-host rig)."
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-import nacl.signing
 import pytest
 
 from agent.compat import GuestNeeds, HostOffers, guest_needs, host_offers, misfits
-from agent.domainxml import domain_xml
-from agent.hypervisor import Hypervisor, HypervisorError
-from agent.journal import Journal
-from agent.orders import Migration, NodeLimits, OrderRunner, Storage
-from agent.profiles import Reservations
-from agent.wire import Order, Report, VmSpec, decode, encode, order_envelope, signed_bytes
+from agent.hypervisor import Hypervisor
 
 DATA = Path(__file__).parent / "data"
 
@@ -96,58 +84,3 @@ def test_offers_travel_as_plain_order_parameters(here: HostOffers) -> None:
         {f"dest_{k}": v for k, v in unknown.as_result().items()}) == unknown
     assert HostOffers.from_params({"address": "10.0.0.1"}) is None  # an older aggregator
 
-
-async def test_the_source_keeps_a_guest_the_destination_cannot_run(tmp_path: Path) -> None:
-    """A signed ``migrate`` naming a destination whose offers do not fit the guest is refused
-    at the source before libvirt is asked; the guest runs on where it was."""
-    key = nacl.signing.SigningKey.generate()
-    hv = await Hypervisor.open("test:///default")
-    journal = Journal(tmp_path / "orders.sqlite")
-    await journal.open()
-    reports: list[Report] = []
-    both_ended = asyncio.Event()
-
-    async def report(make: Callable[[int], bytes]) -> None:
-        sent = decode(make(len(reports) + 1))
-        assert isinstance(sent, Report)
-        reports.append(sent)
-        if len([r for r in reports if r.state != "accepted"]) == 2:
-            both_ended.set()
-
-    runner = OrderRunner(
-        "si-a", key.verify_key, journal, lambda: hv,
-        NodeLimits("SI", "arnes", Reservations()),
-        Storage(tmp_path / "images", tmp_path / "disks", "https://127.0.0.1:9/", 5.0),
-        lambda: None, report, Migration("127.0.0.2"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    spec = VmSpec(uuid=str(uuid.uuid4()), name="stays", vcpus=1, memory_mib=64)
-    try:
-        await hv.define(domain_xml(spec, domain_type="test"))
-        await hv.change_state(spec.uuid, "start")
-        now = time.time()
-        for seq, (arch, machines) in enumerate((("aarch64", "virt virt-7.2"),
-                                                 ("i686", "?")), start=1):
-            order = Order(node="si-a", seq=seq, order_id=f"ord-{seq}", issued_at=now,
-                          expires_at=now + 600, action="migrate",
-                          params={"vm_uuid": spec.uuid, "dest": "si-b", "mode": "live",
-                                  "address": "127.0.0.3", "domain_type": "qemu",
-                                  "dest_arch": arch, "dest_machines": machines,
-                                  "dest_cpu_models": "?"})
-            signature = key.sign(signed_bytes(order_envelope(order))).signature
-            signed = dataclasses.replace(order, signature=signature)
-            runner.submit(signed, encode(signed))
-        await asyncio.wait_for(both_ended.wait(), 10)
-    finally:
-        stop.set()
-        await task
-        await journal.close()
-        with contextlib.suppress(HypervisorError):
-            await hv.change_state(spec.uuid, "destroy")
-        hv.close()
-    ended = {r.order_id: r.error for r in reports if r.state == "failed"}
-    assert ended["ord-1"] == ("refused: the guest cannot run on si-b as it runs here: the guest"
-                              " is i686, the destination runs aarch64 guests")
-    # Where the destination tells nothing more than its arch, the guest's passes; the next
-    # check (the kind of guests) is what stops this one.
-    assert ended["ord-2"] == "refused: the destination runs qemu guests, this VM is a test guest"

@@ -281,18 +281,70 @@ def test_a_lost_node_s_vm_restarts_elsewhere_only_after_lease_and_grace(
     assert events == [("arrived", "si-a"), ("arrived", node), ("left", "si-a")]
 
 
-def test_a_restart_whose_create_expired_keeps_the_lost_copy(
-        db: sqlite_utils.Database, ctx: moves.Context) -> None:
-    vm_id = _vm(db, ctx, "unsure", "si-a", on_node_loss="restart")
+def _expired_restart(db: sqlite_utils.Database, ctx: moves.Context,
+                     name: str) -> tuple[str, str, str, float]:
+    """A VM restarted off lost si-a whose create expired: (vm, move, its destination, when)."""
+    vm_id = _vm(db, ctx, name, "si-a", on_node_loss="restart")
     _lose(db, "si-a", 200)
     assert moves.restart_lost(db.conn, ctx, time.time(), 30, 0.0) == [vm_id]
+    (move_id, dest) = db.execute("SELECT id, dest FROM moves WHERE vm_id = ?",
+                                 [vm_id]).fetchone()
     later = time.time() + 700
     orders.expire(db.conn, later)
     moves.advance(db.conn, ctx, later)
-    (state, error) = db.execute("SELECT state, error FROM moves WHERE vm_id = ?",
-                                [vm_id]).fetchone()
-    assert state == "failed"
-    assert "the copy on si-a is kept" in error
+    state, _, action, node = _step(db, move_id)
+    assert (state, action, node) == ("releasing", "release", dest)  # did you make it?
+    assert db.execute("SELECT count(*) FROM evictions").fetchone()[0] == 0
+    return vm_id, move_id, dest, later
+
+
+def test_a_restart_whose_create_expired_untaken_is_tried_again(
+        db: sqlite_utils.Database, ctx: moves.Context) -> None:
+    vm_id, move_id, dest, later = _expired_restart(db, ctx, "retry-me")
+    _report(db, _step(db, move_id)[1], "succeeded", {"present": False})
+    moves.advance(db.conn, ctx, later)
+    done = _move(db, move_id)
+    assert done["state"] == "failed"
+    assert done["error"] == (f"restart on {dest}: its create order expired before {dest} took"
+                             " it; the VM is still on si-a")
+    assert _where(db, vm_id) == ("si-a", "unknown")
+    assert db.execute("SELECT count(*) FROM evictions").fetchone()[0] == 0
+    # Not at once; after RESTART_RETRY_S, elsewhere again.
+    assert moves.restart_lost(db.conn, ctx, later + 1, 30, 0.0) == []
+    retry_at = later + moves.RESTART_RETRY_S + 1
+    db.execute("UPDATE nodes SET last_seen = ? WHERE id != 'si-a'", [retry_at])  # still there
+    assert moves.restart_lost(db.conn, ctx, retry_at, 30, 0.0) == [vm_id]
+    assert _where(db, vm_id)[0] in ("si-b", "si-c")
+
+
+def test_a_restart_whose_create_expired_but_ran_counts_where_it_runs(
+        db: sqlite_utils.Database, ctx: moves.Context) -> None:
+    vm_id, move_id, dest, later = _expired_restart(db, ctx, "made-late")
+    _report(db, _step(db, move_id)[1], "succeeded", {"present": True, "state": "running"})
+    moves.advance(db.conn, ctx, later)
+    assert _move(db, move_id)["state"] == "succeeded"
+    assert _where(db, vm_id) == (dest, "running")
+    assert db.execute("SELECT vm_id, node_id FROM evictions").fetchall() == [(vm_id, "si-a")]
+    # The create's own report, late, adds no second arrival.
+    (create,) = db.execute("SELECT id FROM orders WHERE vm_id = ? AND node_id = ? AND action"
+                           " = 'create'", [vm_id, dest]).fetchone()
+    _report(db, create, "succeeded", {"state": "running"})
+    events = db.execute("SELECT event, node_id FROM residency WHERE vm_id = ? ORDER BY seq",
+                        [vm_id]).fetchall()
+    assert events == [("arrived", "si-a"), ("arrived", dest)]
+
+
+def test_a_restart_whose_destination_never_answers_keeps_the_lost_copy(
+        db: sqlite_utils.Database, ctx: moves.Context) -> None:
+    _, move_id, _, later = _expired_restart(db, ctx, "unsure")
+    for _ask in range(moves.MAX_ASKS):
+        later += 700
+        orders.expire(db.conn, later)
+        moves.advance(db.conn, ctx, later)
+    done = _move(db, move_id)
+    assert done["state"] == "failed"
+    assert done["error"].endswith("the copy on si-a is kept")
+    assert [o["action"] for o in done["orders"]] == ["create"] + ["release"] * moves.MAX_ASKS
     assert db.execute("SELECT count(*) FROM evictions").fetchone()[0] == 0
 
 
