@@ -224,6 +224,7 @@ class Hypervisor:
             libvirt_version=f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}",
             hypervisor=str(hypervisor),
             profile=profile,
+            arch=arch_from_capabilities(caps),
         )
 
     async def host_resources(self) -> HostResources:
@@ -328,10 +329,9 @@ class Hypervisor:
         def op() -> HostOffers:
             try:
                 caps = self._conn.getCapabilities()
-                arch = ET.fromstring(caps).findtext("host/cpu/arch") or ""  # noqa: S314
                 try:
                     domcaps: str | None = self._conn.getDomainCapabilities(
-                        None, arch.strip() or None, None, domain_type, 0)
+                        None, arch_from_capabilities(caps) or None, None, domain_type, 0)
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                         raise
@@ -682,6 +682,15 @@ def domain_type_from_capabilities(caps_xml: str) -> str:
         if preferred in offered:
             return preferred
     return offered[0] if offered else "unknown"
+
+
+def arch_from_capabilities(caps_xml: str) -> str:
+    """The host's own architecture as libvirt names it (``x86_64``, ``aarch64``), or ""."""
+    try:
+        root = ET.fromstring(caps_xml)  # noqa: S314 - from our own libvirtd, not the network
+    except ET.ParseError:
+        return ""
+    return (root.findtext("host/cpu/arch") or "").strip()
 
 
 def domain_types_from_capabilities(caps_xml: str) -> tuple[str, ...]:

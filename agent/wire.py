@@ -166,6 +166,7 @@ class Inventory:
     libvirt_version: str
     hypervisor: str
     profile: str = ""
+    arch: str = ""  # the host's own, as libvirt names it (x86_64, aarch64); "": not told
 
 
 # --- messages -------------------------------------------------------------------------------

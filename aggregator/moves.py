@@ -123,7 +123,10 @@ def _node_row(conn: sqlite3.Connection, node_id: str) -> dict[str, Any] | None:
         inventory = json.loads(out["inventory"] or "{}")
     except ValueError:
         inventory = {}
-    out["domain_type"] = inventory.get("domain_type", "") if isinstance(inventory, dict) else ""
+    if not isinstance(inventory, dict):
+        inventory = {}
+    out["domain_type"] = str(inventory.get("domain_type", ""))
+    out["arch"] = str(inventory.get("arch", ""))
     return out
 
 
@@ -135,6 +138,15 @@ def _online(node: dict[str, Any], now: float, live: vms.Liveness) -> bool:
 
 def _live_capable(node: dict[str, Any]) -> bool:
     return str(node["domain_type"]) in _LIVE_TYPES
+
+
+def _other_arch(source: dict[str, Any], dest: dict[str, Any]) -> str:
+    """Why ``dest`` cannot run the VM's guest when it runs other guests than ``source`` (its
+    images are built for one architecture); "" when it can, or a node does not say."""
+    theirs, ours = dest["arch"], source["arch"]
+    if theirs and ours and theirs != ours:
+        return f"it runs {theirs} guests, the VM is an {ours} guest"
+    return ""
 
 
 def _choose_dest(conn: sqlite3.Connection, vm_id: str, source: dict[str, Any], to: str,
@@ -156,6 +168,8 @@ def _choose_dest(conn: sqlite3.Connection, vm_id: str, source: dict[str, Any], t
         reasons = list(dict(decision.rejected).get(to, ()))
         if live_move and not _live_capable(dest):
             reasons.append(f"it runs {dest['domain_type'] or 'no'} guests: no live migration")
+        if other := _other_arch(source, dest):
+            reasons.append(other)
         if reasons:
             raise Refused("destination_refused", f"{to} cannot take the VM: "
                           + "; ".join(reasons), 409, detail={"node": to, "reasons": reasons})
@@ -165,16 +179,22 @@ def _choose_dest(conn: sqlite3.Connection, vm_id: str, source: dict[str, Any], t
                            min_timeout_s=ctx.live.min_timeout_s, limit=64)
     candidates = [c for c in candidates if c.id != source["id"]]
     decision = place(demand, candidates)
+    other_arch = False
     for node_id, _score in decision.candidates:
         dest = _node_row(conn, node_id)
-        if dest is not None and (not live_move or _live_capable(dest)):
-            return node_id
+        if dest is None or (live_move and not _live_capable(dest)):
+            continue
+        if _other_arch(source, dest):
+            other_arch = True
+            continue
+        return node_id
     everyone = place(demand, [v for v in load_nodes(
         conn, demand, now=now, profiles=ctx.profiles, heartbeat_factor=ctx.live.heartbeat_factor,
         min_timeout_s=ctx.live.min_timeout_s, push_down=False) if v.id != source["id"]])
     why = "; ".join(f"{node}: {', '.join(reasons)}" for node, reasons in everyone.rejected[:8])
     raise Refused("no_placement", "no other node can take the VM"
                   + (" live (it needs a QEMU/KVM node)" if live_move else "")
+                  + (f" (it needs an {source['arch']} node)" if other_arch else "")
                   + (f" ({why})" if why else ""), 409, detail=everyone.to_json())
 
 

@@ -70,6 +70,7 @@ def _capacity(inventory: dict[str, Any] | None, profile: Profile | None) -> dict
         "cpu_model": inventory.get("cpu_model"),
         "cpu_mhz": inventory.get("cpu_mhz"),
         "domain_type": inventory.get("domain_type"),
+        "arch": inventory.get("arch") or None,
         "reserved_cpus": reserved_cpus,
         "reserved_memory_bytes": reserved_mem,
         "allocatable_cpus": max(0, cpus - reserved_cpus),

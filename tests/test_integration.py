@@ -99,6 +99,7 @@ def test_telemetry_and_inventory_arrive_in_the_api(rig: Rig) -> None:
             country, provider, site, profile)
         assert n["capacity"]["cpus"] > 0
         assert n["capacity"]["memory_bytes"] > 0
+        assert n["capacity"]["arch"] == "i686"  # what libvirt's test driver emulates
         assert n["last_seen"] > time.time() - 10
     assert nodes["fr-rack-01"]["capacity"]["cpus"] == 128  # 2 sockets x 32 cores x 2 threads
     assert nodes["fr-rack-01"]["capacity"]["allocatable_cpus"] == 124  # 4 reserved by profile

@@ -403,3 +403,31 @@ def test_an_accepted_order_is_asked_about_again_until_its_end_is_reported(
     assert order not in {d.order_id for d in orders.due(db.conn, later + 1)}
     _report(db, order, "succeeded", {"state": "shut off"})
     assert order not in {d.order_id for d in orders.due(db.conn, later + 3600)}
+
+
+def test_a_vm_moves_only_to_a_node_of_its_own_arch(db: sqlite_utils.Database,
+                                                   ctx: moves.Context) -> None:
+    """A node that runs other guests (its images are for one architecture) is never chosen,
+    and refused when named; a node that does not say its arch is not held against."""
+    for node, arch in (("si-a", "x86_64"), ("si-b", "aarch64"), ("si-c", "x86_64")):
+        db.execute("UPDATE nodes SET inventory = json_set(inventory, '$.arch', ?) WHERE id = ?",
+                   [arch, node])
+    vm_id = _vm(db, ctx, "x86-only", "si-a")
+    with pytest.raises(vms.Refused) as err:
+        moves.start(db.conn, ctx, vm_id, "si-b", moves.MoveSettings(), time.time(), "test")
+    assert err.value.status == 409
+    assert str(err.value) == ("si-b cannot take the VM: it runs aarch64 guests, the VM is"
+                              " an x86_64 guest")
+    for _ in range(5):  # si-b is the emptiest, and never picked
+        move = moves.start(db.conn, ctx, vm_id, "", moves.MoveSettings(), time.time(), "test")
+        assert move["dest"] == "si-c"
+        _report(db, _step(db, move["move"])[1], "failed", error="refused: test")
+        moves.advance(db.conn, ctx, time.time())
+    db.execute("UPDATE nodes SET cordoned = 1 WHERE id = 'si-c'")
+    with pytest.raises(vms.Refused) as err:
+        moves.start(db.conn, ctx, vm_id, "", moves.MoveSettings(), time.time(), "test")
+    assert "(it needs an x86_64 node)" in str(err.value)
+    db.execute("UPDATE nodes SET inventory = json_remove(inventory, '$.arch')"
+               " WHERE id = 'si-b'")
+    assert moves.start(db.conn, ctx, vm_id, "", moves.MoveSettings(), time.time(),
+                       "test")["dest"] == "si-b"

@@ -268,6 +268,14 @@ def test_stored_minimal_status_fills_defaults() -> None:
     assert got == wire.Status(node=NODE, state="offline", ts=1_732_243_400.0)
 
 
+def test_stored_status_names_the_arch_and_the_lease() -> None:
+    got = wire.decode((SAMPLES / "v1_status_arch.msgpack").read_bytes())
+    assert isinstance(got, wire.Status)
+    assert got.inventory is not None
+    assert (got.inventory.arch, got.lease_s) == ("aarch64", 60.0)
+    assert got.inventory == dataclasses.replace(EXAMPLES["status"].inventory, arch="aarch64")
+
+
 def test_stored_gap_names_its_channel() -> None:
     got = wire.decode((SAMPLES / "v1_telemetry_gap_events.msgpack").read_bytes())
     assert got == wire.TelemetryGap(

@@ -325,6 +325,18 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "v": 1,
         "t": "order",
     },
+    # A status naming the host's arch in its inventory and the node's lease (both joined
+    # after the first samples).
+    "v1_status_arch.msgpack": {
+        "node": NODE,
+        "state": "online",
+        "ts": 1_732_243_800.0,
+        "interval_s": 10.0,
+        "inventory": {**INVENTORY, "arch": "aarch64"},
+        "lease_s": 60.0,
+        "v": 1,
+        "t": "status",
+    },
     # A peer on a protocol version this code does not speak.
     "v2_status.msgpack": {**V1["status"], "v": 2},
 }
