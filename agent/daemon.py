@@ -114,6 +114,12 @@ class Agent:
 
     async def run(self) -> None:
         await self.identity.check()  # an expired certificate: nothing here can fix that
+        o = self.config.orders
+        for key, where in (("images_dir", o.images_dir), ("disks_dir", o.disks_dir)):
+            try:  # first: they may share the spool's parent, which QEMU must pass too
+                await asyncio.to_thread(images.passable_dir, where)
+            except (OSError, images.ImageError) as exc:
+                raise ConfigError("agent config", f"orders.{key}", str(exc)) from None
         await self.spool.open()
         await self.journal.open()
         # Read before anything touches it: how long the node was out of touch counts.

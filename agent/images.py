@@ -27,6 +27,27 @@ class ImageError(Exception):
     """An image cannot be had or used; the message says why."""
 
 
+PASSABLE: int = 0o711  # QEMU's user may pass through to the files it is given, not list them
+
+
+def passable_dir(path: Path) -> None:
+    """Make ``path`` a directory QEMU's own user can pass through, whatever the agent's umask
+    (its unit's is 0077): the images and disks QEMU opens lie below it (libvirt hands each
+    file to QEMU's user, not the directories on the way). What is created here, missing
+    ancestors too, gets mode 0711; what was there keeps its mode."""
+    missing: list[Path] = []
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir()
+            os.chmod(p, PASSABLE)
+    if not path.is_dir():
+        raise ImageError(f"{path} is not a directory")
+
+
 async def fetch(base_url: str, name: str, sha256: str, directory: Path,
                 tls: Callable[[], ssl.SSLContext]) -> Path:
     """The image ``name`` with digest ``sha256``: from ``directory`` if it is there, else
@@ -44,7 +65,7 @@ async def fetch(base_url: str, name: str, sha256: str, directory: Path,
 
 
 def _download(base_url: str, name: str, sha256: str, path: Path, tls: ssl.SSLContext) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    passable_dir(path.parent)
     url = f"{base_url.rstrip('/')}/images/{urllib.parse.quote(name)}"
     partial = path.with_name(f".{sha256}.partial-{os.getpid()}")
     digest = hashlib.sha256()

@@ -435,7 +435,9 @@ class OrderRunner:
         if missing:
             raise Refused(f"the destination gave no path for the VM's {', '.join(missing)}")
         disk = here.get("disk")
-        backing = disk is not None and await images.backing_file(Path(disk)) is not None
+        backing = _has_backing(xml)
+        if backing is None:  # the XML does not say (a guest not running): the file does
+            backing = disk is not None and await images.backing_file(Path(disk)) is not None
 
         def report(figures: MigrationProgress) -> None:
             self._progress(order.order_id, figures)
@@ -590,7 +592,7 @@ class OrderRunner:
         if not kvm:
             return Files(domain_type)
         disk: Path | None = None
-        await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(images.passable_dir, home)
         if spec.image or spec.disk_gib:
             disk = await images.make_disk(home / "disk.qcow2", fetched.get(spec.image),
                                           spec.disk_gib)
@@ -668,6 +670,17 @@ def _files_of(xml: str) -> dict[str, str]:
         if value:
             found[role] = value.strip()
     return found
+
+
+def _has_backing(xml: str) -> bool | None:
+    """Whether the guest's disk is an overlay on a backing file, from its live XML (libvirt
+    lists a running guest's backing chain: the agent need not read a disk that libvirt gave
+    to QEMU's user); None where the XML does not say (an inactive definition)."""
+    disk = ET.fromstring(xml).find("devices/disk[@device='disk']")  # noqa: S314
+    chain = disk.find("backingStore") if disk is not None else None
+    if chain is None:
+        return None
+    return chain.find("source") is not None
 
 
 def _limits(params: dict[str, Any]) -> dict[str, Any]:

@@ -135,6 +135,17 @@ def test_files_of_counts_a_disk_not_a_cdrom_and_strips_text() -> None:
     assert orders._files_of(xml) == {"kernel": KERNEL, "disk": DISK}
 
 
+@pytest.mark.parametrize(("sample", "backing"), [
+    ("guest-live-overlay.xml", True), ("guest-live-plain.xml", False),
+    ("guest-inactive-overlay.xml", None)])
+def test_a_running_guests_xml_says_whether_its_disk_has_a_backing_file(
+        sample: str, backing: bool | None) -> None:
+    """As libvirt 9.0 wrote it (``tests/data``): the backing chain of a running guest's disk,
+    and nothing of it in an inactive definition, where the agent reads the file instead."""
+    xml = (Path(__file__).parent / "data" / sample).read_text()
+    assert orders._has_backing(xml) is backing
+
+
 DEFAULT_LIMITS = {"max_downtime_ms": None, "bandwidth_mib_s": None, "auto_converge": False,
                   "postcopy": False, "timeout_s": 600.0}
 

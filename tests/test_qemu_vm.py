@@ -3,7 +3,9 @@ libvirtd, software emulation) → running, its serial marker, stop, delete."""
 
 from __future__ import annotations
 
+import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from agent import configfile
 from agent.enroll import EnrollOptions, enroll
 from aggregator.client import ApiClientError
 from tests.guests import TinyGuest
-from tests.rig import Fleet, wait_for
+from tests.rig import Fleet, Process, wait_for
 
 
 def _serial_text(path: Path) -> str:
@@ -42,7 +44,11 @@ def test_a_real_guest_created_through_the_api_boots_stops_and_goes(
             table = tomllib.load(fh)
         table["orders"]["shutdown_timeout_s"] = 3.0  # the tiny guest ignores ACPI
         config.write_text(configfile.dump_toml(table))
-        agent = fleet.agent("si-lab-01").start()
+        # As its systemd unit runs it: umask 0077, its state directory made by itself. QEMU
+        # runs as libvirt-qemu and must still reach the kernel, initrd and serial log below.
+        agent = Process(["sh", "-c", 'umask 077 && exec "$0" "$@"', sys.executable, "-m",
+                         "agent", "run", "--config", str(config)],
+                        fleet.dir / "logs" / "si-lab-01.log").start()
         wait_for(lambda: fleet.node("si-lab-01")["status"] == "online", timeout_s=30,
                  what="the lab node online")
         for name, path, fmt in (("tiny-kernel", tiny_guest.kernel, "kernel"),
@@ -68,6 +74,12 @@ def test_a_real_guest_created_through_the_api_boots_stops_and_goes(
         serial = home / "state" / "disks" / made["id"] / "serial.log"
         wait_for(lambda: tiny_guest.marker in _serial_text(serial), timeout_s=90,
                  interval_s=0.5, what="the guest's serial marker")
+        state = home / "state"
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (
+            state, state / "images", state / "disks", serial.parent,
+            state / "orders.sqlite", state / "spool.sqlite")}
+        assert modes == {"state": 0o711, "images": 0o711, "disks": 0o711, made["id"]: 0o711,
+                         "orders.sqlite": 0o600, "spool.sqlite": 0o600}
 
         stop = api.post(f"/api/v1/vms/{made['id']}/stop", {})["order"]
         wait_for(lambda: order_state(stop) == "succeeded", timeout_s=60, what="the stop")
