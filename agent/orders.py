@@ -145,7 +145,11 @@ class OrderRunner:
         self._queue: asyncio.Queue[tuple[Order, bytes]] = asyncio.Queue(maxsize=1000)
         self._progress_at: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Migrations run beside the orders after them (one may take minutes), by VM uuid; an
+        # order about the same VM waits for it. Their order ids: recovery leaves them alone.
+        self._moving: dict[str, asyncio.Task[None]] = {}
         self._running: set[str] = set()
+        self._libvirt_lost = asyncio.Event()  # a migration beside found libvirt gone
         self.executed = 0
 
     # --- receiving -------------------------------------------------------------------------
@@ -159,14 +163,28 @@ class OrderRunner:
                       order.order_id)
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:  # stopping: what migrates beside is finished by the next start (journaled)
+            moving = list(self._moving.values())
+            for task in moving:
+                task.cancel()
+            await asyncio.gather(*moving, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         recovered = await self._try_recover()
         while not stop.is_set():
             getter = asyncio.ensure_future(self._queue.get())
             stopper = asyncio.ensure_future(stop.wait())
+            lost = asyncio.ensure_future(self._libvirt_lost.wait())
             # Until a recovery has run (libvirt was away), look again every few seconds.
-            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED,
+            await asyncio.wait({getter, stopper, lost}, return_when=asyncio.FIRST_COMPLETED,
                                timeout=None if recovered else 2.0)
             stopper.cancel()
+            lost.cancel()
+            if self._libvirt_lost.is_set():
+                self._libvirt_lost.clear()
+                recovered = False
             if stop.is_set() or not getter.done():
                 getter.cancel()
                 if stop.is_set():
@@ -219,7 +237,37 @@ class OrderRunner:
                              f"refused: replayed order number {order.seq} (last {last})")
             return
         await self._send(order.order_id, "accepted", {}, "")
-        await self._execute(order)
+        await self._execute_in_turn(order)
+
+    async def _execute_in_turn(self, order: Order) -> None:
+        """Run an accepted order. A migration runs beside the orders after it, which wait
+        for it only if they are about the same VM: a drain moves several VMs of this node at
+        once, and the node still takes other orders while they go."""
+        uuid = order.vm.uuid if order.vm is not None else str(order.params.get("vm_uuid", ""))
+        ahead = self._moving.get(uuid)
+        if ahead is not None:  # the VM's own orders keep their sequence
+            await asyncio.wait({ahead})
+        if order.action != "migrate" or not uuid:
+            await self._execute(order)
+            return
+        task = asyncio.create_task(self._execute_beside(order), name=f"migrate {uuid}")
+        self._moving[uuid] = task
+        self._running.add(order.order_id)
+
+        def ended(done: asyncio.Task[None]) -> None:
+            self._running.discard(order.order_id)
+            if self._moving.get(uuid) is done:
+                del self._moving[uuid]
+
+        task.add_done_callback(ended)
+
+    async def _execute_beside(self, order: Order) -> None:
+        try:
+            await self._execute(order)
+        except HypervisorError as exc:  # libvirt went away: the order stays accepted
+            log.error("order %s interrupted: %s; finished once libvirt is back",
+                      order.order_id, exc)
+            self._libvirt_lost.set()
 
     def _verify(self, order: Order, payload: bytes) -> None:
         try:
@@ -253,8 +301,8 @@ class OrderRunner:
                 order = decode(entry.envelope)
             except ProtocolError:
                 continue
-            if not isinstance(order, Order):
-                continue
+            if not isinstance(order, Order) or order.order_id in self._running:
+                continue  # (a migration still going on beside)
             if order.expires_at < time.time() or (fenced and order.action in ("start",
                                                                                "create")):
                 why = "expired" if order.expires_at < time.time() else "cut off past the lease"

@@ -245,6 +245,16 @@ def test_a_drain_moves_every_guest_live(two_host_fleet: TwoHostFleet) -> None:
         assert f.fleet.node("lab-a")["cordoned"]
         for vm in made:
             assert f.guest.marker not in f.serial("lab-b", vm["id"])  # moved, not rebooted
+        # Two at a time: the source ran both migrations at once, not one after the other.
+        spans = []
+        for vm in made:
+            (move,) = f.api.get("/api/v1/moves", vm=vm["id"])["moves"]
+            migrate = next(o for o in f.api.get(f"/api/v1/moves/{move['id']}")["orders"]
+                           if o["action"] == "migrate")
+            history = {h["state"]: h["ts"] for h in
+                       f.api.get(f"/api/v1/orders/{migrate['id']}")["history"]}
+            spans.append((history["accepted"], history["succeeded"]))
+        assert max(start for start, _ in spans) < min(end for _, end in spans), spans
     finally:
         f.api.post("/api/v1/nodes/lab-a/uncordon", {})
     for i in range(2):
