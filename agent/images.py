@@ -34,7 +34,8 @@ def passable_dir(path: Path) -> None:
     """Make ``path`` a directory QEMU's own user can pass through, whatever the agent's umask
     (its unit's is 0077): the images and disks QEMU opens lie below it (libvirt hands each
     file to QEMU's user, not the directories on the way). What is created here, missing
-    ancestors too, gets mode 0711; what was there keeps its mode."""
+    ancestors too, gets mode 0711; ``path`` itself, if it is ours, becomes passable (one
+    made 0700 by an older agent); what else was there keeps its mode."""
     missing: list[Path] = []
     for p in (path, *path.parents):
         if p.is_dir():
@@ -46,6 +47,9 @@ def passable_dir(path: Path) -> None:
             os.chmod(p, PASSABLE)
     if not path.is_dir():
         raise ImageError(f"{path} is not a directory")
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o011 != 0o011:  # made 0700 before
+        os.chmod(path, (st.st_mode & 0o7777) | 0o011)  # noqa: S103 - pass, not list
 
 
 async def fetch(base_url: str, name: str, sha256: str, directory: Path,

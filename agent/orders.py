@@ -135,6 +135,7 @@ class OrderRunner:
         # The last contact with the aggregator as the journal had it when the agent started
         # (before this run touched it): set by the daemon.
         self.contact_at_start: float | None = None
+        self._start_judged = False  # whether a recovery has judged the time before the start
         self._key = key
         self._journal = journal
         self._hv = hypervisor
@@ -150,6 +151,8 @@ class OrderRunner:
         self._moving: dict[str, asyncio.Task[None]] = {}
         self._running: set[str] = set()
         self._libvirt_lost = asyncio.Event()  # a migration beside found libvirt gone
+        self._failed_beside: BaseException | None = None  # ends run(), as if it failed there
+        self._stop = asyncio.Event()
         self.executed = 0
 
     # --- receiving -------------------------------------------------------------------------
@@ -163,13 +166,16 @@ class OrderRunner:
                       order.order_id)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         try:
             await self._run(stop)
-        finally:  # stopping: what migrates beside is finished by the next start (journaled)
-            moving = list(self._moving.values())
-            for task in moving:
-                task.cancel()
-            await asyncio.gather(*moving, return_exceptions=True)
+        finally:
+            # Stopping: migrations beside are let finish, as an order in the queue's turn is
+            # (one cancelled at its very end would leave its VM defined here and there).
+            moving = set(self._moving.values())
+            if moving:
+                log.info("waiting for %d migration(s) to finish", len(moving))
+                await asyncio.wait(moving)
 
     async def _run(self, stop: asyncio.Event) -> None:
         recovered = await self._try_recover()
@@ -182,6 +188,8 @@ class OrderRunner:
                                timeout=None if recovered else 2.0)
             stopper.cancel()
             lost.cancel()
+            if self._failed_beside is not None:  # as if it had failed in the queue's turn
+                raise self._failed_beside
             if self._libvirt_lost.is_set():
                 self._libvirt_lost.clear()
                 recovered = False
@@ -240,13 +248,14 @@ class OrderRunner:
         await self._execute_in_turn(order)
 
     async def _execute_in_turn(self, order: Order) -> None:
-        """Run an accepted order. A migration runs beside the orders after it, which wait
-        for it only if they are about the same VM: a drain moves several VMs of this node at
-        once, and the node still takes other orders while they go."""
-        uuid = order.vm.uuid if order.vm is not None else str(order.params.get("vm_uuid", ""))
-        ahead = self._moving.get(uuid)
-        if ahead is not None:  # the VM's own orders keep their sequence
-            await asyncio.wait({ahead})
+        """Run an accepted order. A migration runs beside the orders after it: a drain moves
+        several VMs of this node at once, and the node still takes other orders while they
+        go. An order about a VM that is migrating waits for the migration (the queue with
+        it: the aggregator sends none while a move runs); stopping ends that wait, and the
+        order, journaled as accepted, is finished by the next start."""
+        uuid = _vm_of(order)
+        if not await self._after_migration_of(uuid):
+            return
         if order.action != "migrate" or not uuid:
             await self._execute(order)
             return
@@ -261,6 +270,18 @@ class OrderRunner:
 
         task.add_done_callback(ended)
 
+    async def _after_migration_of(self, uuid: str) -> bool:
+        """Wait for the VM's migration beside, if one runs; False if stopping came first."""
+        ahead = self._moving.get(uuid)
+        if ahead is None:
+            return True
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({ahead, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        return ahead.done()
+
     async def _execute_beside(self, order: Order) -> None:
         try:
             await self._execute(order)
@@ -268,6 +289,9 @@ class OrderRunner:
             log.error("order %s interrupted: %s; finished once libvirt is back",
                       order.order_id, exc)
             self._libvirt_lost.set()
+        except Exception as exc:  # handed to run(), which ends with it
+            self._failed_beside = exc
+            self._libvirt_lost.set()  # wakes run()
 
     def _verify(self, order: Order, payload: bytes) -> None:
         try:
@@ -288,7 +312,7 @@ class OrderRunner:
         past its lease before this start starts nothing: its VMs may run elsewhere by now."""
         hv = self._hv()
         last = self.contact_at_start
-        fenced = bool(self._lease_s and last is not None
+        fenced = bool(self._lease_s and last is not None and not self._start_judged
                       and time.time() - last > self._lease_s)
         if fenced:
             paused, failed = await self.fence()
@@ -303,16 +327,26 @@ class OrderRunner:
                 continue
             if not isinstance(order, Order) or order.order_id in self._running:
                 continue  # (a migration still going on beside)
+            if not await self._after_migration_of(_vm_of(order)):
+                return  # stopping
+            now = await self._journal.get(order.order_id)  # it may have ended meanwhile
+            if now is None or now.state != "accepted" or order.order_id in self._running:
+                continue
             if order.expires_at < time.time() or (fenced and order.action in ("start",
                                                                                "create")):
                 why = "expired" if order.expires_at < time.time() else "cut off past the lease"
                 error = f"not finished: the agent stopped while it ran, and it is {why} now"
                 log.warning("order %s (%s): %s", order.order_id, order.action, error)
+                if order.action == "create" and hv is not None:
+                    await self._undo_create(hv, _vm_of(order))
                 await self._journal.finish(order.order_id, "failed", {}, error, time.time())
                 await self._send(order.order_id, "failed", {}, error)
                 continue
             log.info("finishing order %s (%s) after a restart", order.order_id, order.action)
             await self._execute(order)
+        # The cut-off before this start is judged once: a later recovery (libvirt was away
+        # for a moment) is no outage of the uplink's.
+        self._start_judged = True
         if hv is None or fenced:
             return
         for want in await self._journal.desired():
@@ -335,7 +369,7 @@ class OrderRunner:
         hv = self._hv()
         if hv is None:
             raise HypervisorError("libvirt is not connected")
-        uuid = order.vm.uuid if order.vm is not None else str(order.params.get("vm_uuid", ""))
+        uuid = _vm_of(order)
         desired: Desired | None = None
         forget = ""
         try:
@@ -411,6 +445,19 @@ class OrderRunner:
                     shutil.rmtree(self._storage.disks_dir / spec.uuid, ignore_errors=True)
                 raise
         return {"state": await hv.state(spec.uuid) or "gone"}
+
+    async def _undo_create(self, hv: Hypervisor, uuid: str) -> None:
+        """A create that will not be finished leaves nothing behind, as one that failed does:
+        its report says failed, and the aggregator may make the VM elsewhere. A VM this node
+        already had before the order (its journal wants it) stays."""
+        if not uuid or await self._journal.desired_of(uuid) is not None:
+            return
+        try:
+            await hv.undefine(uuid)  # stopped first if it runs
+        except HypervisorError as exc:
+            log.error("cannot remove %s, half made by an unfinished create: %s", uuid, exc)
+            return
+        shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
 
     async def _not_before_fence(self, uuid: str, order: Order) -> None:
         """An order to start a fenced VM counts only if it was issued after the fence: one
@@ -718,6 +765,10 @@ def _files_of(xml: str) -> dict[str, str]:
         if value:
             found[role] = value.strip()
     return found
+
+
+def _vm_of(order: Order) -> str:
+    return order.vm.uuid if order.vm is not None else str(order.params.get("vm_uuid", ""))
 
 
 def _has_backing(xml: str) -> bool | None:
