@@ -46,15 +46,16 @@ class HostOffers:
         }
 
     @classmethod
-    def from_params(cls, params: Mapping[str, object], prefix: str = "dest_") -> HostOffers | None:
-        """Read back what :meth:`as_result` wrote, under ``prefix``; None if it is not there
-        (an aggregator or a destination from before this check)."""
-        arch = params.get(f"{prefix}arch")
+    def from_params(cls, params: Mapping[str, object]) -> HostOffers | None:
+        """Read back what :meth:`as_result` wrote, as a migrate order carries it (each key
+        under ``dest_``); None if it is not there (an aggregator or a destination from before
+        this check)."""
+        arch = params.get("dest_arch")
         if not isinstance(arch, str) or not arch:
             return None
 
         def names(key: str) -> frozenset[str] | None:
-            value = params.get(f"{prefix}{key}")
+            value = params.get(f"dest_{key}")
             if not isinstance(value, str) or value == "?":
                 return None
             return frozenset(value.split())

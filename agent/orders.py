@@ -150,7 +150,8 @@ class OrderRunner:
         # order about the same VM waits for it. Their order ids: recovery leaves them alone.
         self._moving: dict[str, asyncio.Task[None]] = {}
         self._running: set[str] = set()
-        self._libvirt_lost = asyncio.Event()  # a migration beside found libvirt gone
+        # A migration beside ended in trouble run() must see: libvirt gone, or an error.
+        self._trouble_beside = asyncio.Event()
         self._failed_beside: BaseException | None = None  # ends run(), as if it failed there
         self._stop = asyncio.Event()
         self.executed = 0
@@ -182,16 +183,16 @@ class OrderRunner:
         while not stop.is_set():
             getter = asyncio.ensure_future(self._queue.get())
             stopper = asyncio.ensure_future(stop.wait())
-            lost = asyncio.ensure_future(self._libvirt_lost.wait())
+            trouble = asyncio.ensure_future(self._trouble_beside.wait())
             # Until a recovery has run (libvirt was away), look again every few seconds.
-            await asyncio.wait({getter, stopper, lost}, return_when=asyncio.FIRST_COMPLETED,
+            await asyncio.wait({getter, stopper, trouble}, return_when=asyncio.FIRST_COMPLETED,
                                timeout=None if recovered else 2.0)
             stopper.cancel()
-            lost.cancel()
+            trouble.cancel()
             if self._failed_beside is not None:  # as if it had failed in the queue's turn
                 raise self._failed_beside
-            if self._libvirt_lost.is_set():
-                self._libvirt_lost.clear()
+            if self._trouble_beside.is_set():
+                self._trouble_beside.clear()
                 recovered = False
             if stop.is_set() or not getter.done():
                 getter.cancel()
@@ -288,10 +289,10 @@ class OrderRunner:
         except HypervisorError as exc:  # libvirt went away: the order stays accepted
             log.error("order %s interrupted: %s; finished once libvirt is back",
                       order.order_id, exc)
-            self._libvirt_lost.set()
+            self._trouble_beside.set()
         except Exception as exc:  # handed to run(), which ends with it
             self._failed_beside = exc
-            self._libvirt_lost.set()  # wakes run()
+            self._trouble_beside.set()
 
     def _verify(self, order: Order, payload: bytes) -> None:
         try:
