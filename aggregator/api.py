@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,19 @@ from typing import Any
 from aiohttp import web
 
 from agent.profiles import Profile
-from aggregator import audit, auth, images, moves, orders, queries, residency, trust, vms
+from aggregator import (
+    audit,
+    auth,
+    enrollment,
+    images,
+    moves,
+    orders,
+    placement,
+    queries,
+    residency,
+    trust,
+    vms,
+)
 from aggregator.auth import ROLES
 from aggregator.enrollment import (
     EnrollmentError,
@@ -35,6 +48,7 @@ from aggregator.errors import Refused
 from aggregator.metrics import render_metrics
 from aggregator.pki import CertificateAuthority, OrderSigner
 from aggregator.store import Store
+from aggregator.webserver import error, json_errors
 
 log = logging.getLogger("virt8ra.aggregator.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,9 +63,12 @@ class Route:
     handler: Handler
     roles: tuple[str, ...]  # empty: no bearer token (public, or authorised by the body)
     summary: str
-    query: tuple[tuple[str, str], ...] = ()  # (name, description)
+    # (name, description) or (name, description, JSON schema); a string when no schema
+    query: tuple[tuple[str, str] | tuple[str, str, dict[str, Any]], ...] = ()
     body: dict[str, Any] | None = None  # JSON schema of the request body
     responses: dict[int, str] = field(default_factory=dict)
+    body_required: bool = True  # False: an empty body is {}
+    other_bodies: dict[str, Any] = field(default_factory=dict)  # other media types accepted
 
 
 @dataclass
@@ -77,15 +94,12 @@ class Services:
     order_ttl_s: float = 600.0
     images_dir: Path = Path("images")
     images_url: str = ""  # the image service nodes fetch from (https, node certificates)
+    max_image_bytes: int = images.MAX_IMAGE_BYTES
     orders_changed: Callable[[], None] = lambda: None  # wake the dispatcher
 
 
 SERVICES = web.AppKey("services", Services)
 ACTOR_KEY = web.RequestKey("actor", str)  # who is acting, for the audit trail
-
-
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 class ApiError(Exception):
@@ -131,10 +145,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     svc = _svc(request)
-    counts = await svc.store.read(
-        lambda c: queries.status_counts(c, time.time(), svc.heartbeat_factor, svc.min_timeout_s)
+    fleet = await svc.store.read(
+        lambda c: queries.fleet_figures(c, time.time(), svc.heartbeat_factor, svc.min_timeout_s)
     )
-    body = render_metrics(svc.metrics(), counts)
+    body = render_metrics(svc.metrics(), fleet)
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
@@ -393,7 +407,8 @@ async def add_image(request: web.Request) -> web.Response:
             async for chunk in request.content.iter_chunked(1 << 20):
                 yield chunk
 
-        sha256, size, path = await images.store_stream(chunks(), svc.images_dir)
+        sha256, size, path = await images.store_stream(chunks(), svc.images_dir,
+                                                       svc.max_image_bytes)
     else:
         body = await _json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("path"), str):
@@ -404,10 +419,9 @@ async def add_image(request: web.Request) -> web.Response:
                            " aggregator host; upload the image instead")
         name = images.check_name(body.get("name"))
         fmt = body.get("format", "")
-        source = await asyncio.to_thread(images.check_source, Path(body["path"]),
-                                         svc.images_dir.parent)
-        sha256, size, path = await asyncio.to_thread(images.store_file, source,
-                                                     svc.images_dir)
+        sha256, size, path = await asyncio.to_thread(
+            images.take_file, body["path"], svc.images_dir.parent, svc.images_dir,
+            svc.max_image_bytes)
     try:
         sniffed = await asyncio.to_thread(images.sniff_format, path)
         fmt = images.check_format(fmt or sniffed)
@@ -596,20 +610,39 @@ async def get_order(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+def _pattern(regex: re.Pattern[str]) -> str:
+    """A Python regex the API matches whole, as an ECMA 262 pattern (anchored)."""
+    return f"^(?:{regex.pattern})$"
+
+
+def _names(regex: re.Pattern[str]) -> dict[str, Any]:
+    return {"type": "array", "maxItems": placement.MAX_ITEMS,
+            "items": {"type": "string", "pattern": _pattern(regex)}}
+
+
 _VM_BODY: dict[str, Any] = {
     "type": "object", "required": ["name", "vcpus", "memory_mib"],
     "properties": {
-        "name": {"type": "string"}, "vcpus": {"type": "integer"},
-        "memory_mib": {"type": "integer"}, "disk_gib": {"type": "integer"},
+        "name": {"type": "string", "pattern": _pattern(vms.VM_NAME),
+                 "description": "a lower-case DNS label, unique among the fleet's VMs"},
+        "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
+        "memory_mib": {"type": "integer", "minimum": 64, "maximum": 1 << 20},
+        "disk_gib": {"type": "integer", "minimum": 0, "maximum": 1 << 16, "default": 0},
+        "on_node_loss": {"type": "string", "enum": ["wait", "restart"], "default": "wait",
+                         "description": "restart: elsewhere, once the lost node has stopped"
+                                        " it"},
         "boot": {"type": "object", "properties": {
             "image": {"type": "string"}, "kernel": {"type": "string"},
             "initrd": {"type": "string"}, "cmdline": {"type": "string"}}},
-        "placement": {"type": "object", "properties": {
-            "countries": {"type": "array", "items": {"type": "string"}},
-            "providers": {"type": "array", "items": {"type": "string"}},
-            "sites": {"type": "array", "items": {"type": "string"}},
-            "labels": {"type": "object"}, "profile": {"type": "string", "nullable": True},
-            "anti_affinity": {"type": "string", "nullable": True}}},
+        "placement": {"type": "object", "additionalProperties": False, "properties": {
+            "countries": _names(placement.COUNTRY), "providers": _names(placement.NAME),
+            "sites": _names(placement.NAME),
+            "labels": {"type": "object", "maxProperties": placement.MAX_LABELS,
+                       "additionalProperties": {"type": "string",
+                                                "pattern": _pattern(placement.LABEL_VALUE)}},
+            "profile": {"type": "string", "nullable": True},
+            "anti_affinity": {"type": "string", "nullable": True,
+                              "pattern": _pattern(placement.GROUP)}}},
     },
 }
 _OPERATE = ("admin", "operator")
@@ -618,16 +651,24 @@ _MOVE_BODY: dict[str, Any] = {
     "properties": {
         "to": {"type": "string", "description": "the destination node (default: placement)"},
         "mode": {"type": "string", "enum": ["live", "cold"]},
-        "max_downtime_ms": {"type": "integer", "minimum": 1, "default": 300},
-        "bandwidth_mib_s": {"type": "integer", "minimum": 0, "default": 0,
+        "max_downtime_ms": {"type": "integer", "minimum": 1, "maximum": 60_000,
+                            "default": 300},
+        "bandwidth_mib_s": {"type": "integer", "minimum": 0, "maximum": 1 << 20, "default": 0,
                             "description": "0: no limit"},
         "auto_converge": {"type": "boolean", "default": True},
         "postcopy": {"type": "boolean", "default": False},
-        "timeout_s": {"type": "integer", "minimum": 1, "default": 300,
+        "timeout_s": {"type": "integer", "minimum": 1, "maximum": 86_400, "default": 300,
                       "description": "past it the migration is aborted; the VM stays"},
     },
 }
 _VM_404 = {404: "no such VM"}
+_NO_SIGNER = {503: "this aggregator has no order-signing key"}
+_VM_ACTED = {202: "ordered", **_VM_404, **_NO_SIGNER,
+             409: "not now: the VM is on no node, being deleted, or moving"}
+_REASON_BODY: dict[str, Any] = {
+    "type": "object", "properties": {"reason": {"type": "string", "maxLength": 500,
+                                                "description": "for the audit trail"}}}
+_LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 10000}
 
 _NODE_404 = {404: "no such node"}
 ROUTES: tuple[Route, ...] = (
@@ -642,22 +683,29 @@ ROUTES: tuple[Route, ...] = (
           "A node's telemetry samples and roll-ups",
           query=(("since", "start (unix seconds or ISO 8601), default one hour ago"),
                  ("until", "end (unix seconds or ISO 8601), default now"),
-                 ("metric", "host metric(s) to return, comma-separated or repeated"),
-                 ("limit", "most recent samples to return, 1-10000 (default 1000)")),
+                 ("metric", "host metric(s) to return, comma-separated or repeated",
+                  {"type": "string", "enum": list(queries.HOST_METRICS)}),
+                 ("limit", "most recent samples to return, 1-10000 (default 1000)", _LIMIT)),
           responses={400: "bad query", **_NODE_404}),
     Route("POST", "/api/v1/enrollment-tokens", create_enrollment_token, ("admin", "technician"),
           "A one-time token that enrolls one node at a site",
           body={"type": "object", "required": ["site", "country", "provider", "profile"],
-                "properties": {"site": {"type": "string"}, "country": {"type": "string"},
-                               "provider": {"type": "string"}, "profile": {"type": "string"},
-                               "ttl_seconds": {"type": "number"},
+                "properties": {"site": {"type": "string", "pattern": _pattern(enrollment.LABEL)},
+                               "country": {"type": "string",
+                                           "pattern": _pattern(enrollment.COUNTRY)},
+                               "provider": {"type": "string",
+                                            "pattern": _pattern(enrollment.LABEL)},
+                               "profile": {"type": "string"},
+                               "ttl_seconds": {"type": "number", "minimum": 60,
+                                               "maximum": 30 * 86400},
                                "node_id": {"type": "string", "description":
                                            "bind the token to this node id: re-enrolls an"
                                            " enrolled node"}}},
           responses={201: "token created", 400: "bad request"}),
     Route("GET", "/api/v1/enrollment-tokens", list_enrollment_tokens, ("admin", "technician"),
           "Every enrollment token with its scope and state (never the token itself)",
-          query=(("state", "only tokens in this state: active, used, expired, withdrawn"),),
+          query=(("state", "only tokens in this state",
+                  {"type": "string", "enum": ["active", "used", "expired", "withdrawn"]}),),
           responses={400: "bad query"}),
     Route("DELETE", "/api/v1/enrollment-tokens/{id}", withdraw_enrollment_token,
           ("admin", "technician"), "Withdraw an unused enrollment token",
@@ -674,21 +722,23 @@ ROUTES: tuple[Route, ...] = (
                      409: "node already enrolled", 422: "the host does not meet its profile"}),
     Route("POST", "/api/v1/nodes/{id}/revoke", revoke_node, ("admin", "operator"),
           "Revoke a node: its certificates go into the CRL and its broker session is dropped",
-          body={"type": "object", "properties": {"reason": {"type": "string"}}},
-          responses=_NODE_404),
+          body=_REASON_BODY, body_required=False, responses=_NODE_404),
     Route("POST", "/api/v1/nodes/{id}/cordon", _cordon(True), ("admin", "operator"),
           "Cordon a node: nothing new is placed there; what runs stays",
-          body={"type": "object", "properties": {"reason": {"type": "string"}}},
-          responses=_NODE_404),
+          body=_REASON_BODY, body_required=False, responses=_NODE_404),
     Route("POST", "/api/v1/nodes/{id}/uncordon", _cordon(False), ("admin", "operator"),
-          "Uncordon a node: placement may use it again", responses=_NODE_404),
+          "Uncordon a node: placement may use it again", body=_REASON_BODY,
+          body_required=False, responses=_NODE_404),
     Route("POST", "/api/v1/nodes/{id}/drain", drain_node, ("admin", "operator"),
           "Drain a node: cordon it and move every VM off (live where possible), a few at a"
           " time", body={**_MOVE_BODY, "properties": {
               **_MOVE_BODY["properties"], "mode": {"type": "string",
                                                    "enum": ["auto", "live", "cold"]},
-              "parallel": {"type": "integer", "minimum": 1, "maximum": 32}}},
-          responses={202: "draining (see GET /api/v1/nodes/{id}/drain)", **_NODE_404}),
+              "parallel": {"type": "integer", "minimum": 1, "maximum": 32, "default": 2}}},
+          body_required=False,
+          responses={202: "draining (see GET /api/v1/nodes/{id}/drain)", **_NODE_404,
+                     409: "the node cannot be drained now (with the reason)",
+                     503: "this aggregator has no order-signing key"}),
     Route("GET", "/api/v1/nodes/{id}/drain", get_drain, ALL_ROLES,
           "The node's latest drain: each VM moved, moving, waiting or failed (and why)",
           responses={404: "the node has not been drained"}),
@@ -697,7 +747,7 @@ ROUTES: tuple[Route, ...] = (
           query=(("since", "from this time (unix seconds or ISO 8601)"),
                  ("action", "an action (e.g. node.revoke) or a prefix (node)"),
                  ("subject", "what was acted on, e.g. a node id"),
-                 ("limit", "most recent events to return, 1-10000 (default 200)")),
+                 ("limit", "most recent events to return, 1-10000 (default 200)", _LIMIT)),
           responses={400: "bad query"}),
     Route("POST", "/api/v1/api-tokens", create_api_token, ("admin",),
           "A bearer token for a role",
@@ -711,42 +761,57 @@ ROUTES: tuple[Route, ...] = (
           "Register an image: a file on the aggregator, or uploaded as application/octet-stream"
           " with ?name=&format=",
           body={"type": "object", "required": ["name", "path"],
-                "properties": {"name": {"type": "string"}, "path": {"type": "string"},
+                "properties": {"name": {"type": "string", "pattern": _pattern(images.IMAGE_NAME)},
+                               "path": {"type": "string",
+                                        "description": "an absolute path (admin only)"},
                                "format": {"type": "string", "enum": list(images.FORMATS)}}},
-          responses={201: "registered", 400: "bad request", 409: "the name has other content"}),
+          other_bodies={"application/octet-stream": {"schema": {"type": "string",
+                                                                "format": "binary"}}},
+          query=(("name", "with an upload: the image's name",
+                  {"type": "string", "pattern": _pattern(images.IMAGE_NAME)}),
+                 ("format", "with an upload: its format (default: what the file is)",
+                  {"type": "string", "enum": list(images.FORMATS)})),
+          responses={201: "registered", 400: "bad request",
+                     403: "a file inside the data directory, or a role other than admin",
+                     409: "the name has other content", 413: "larger than images.max_bytes",
+                     422: "the file cannot be read, or is not a regular file"}),
     Route("GET", "/api/v1/vms", list_vms, ALL_ROLES, "Every VM: where it is, desired and actual"
           " state", query=(("node", "only the VMs on this node"),)),
     Route("POST", "/api/v1/vms", create_vm, _OPERATE,
           "Create a VM: placed under its policy and ordered created there",
           body=_VM_BODY, responses={202: "ordered: {id, node, order}", 400: "bad request",
-                                    409: "fits nowhere (with every node's reasons)"}),
+                                    409: "fits nowhere (with every node's reasons), or the"
+                                         " name is taken",
+                                    503: "this aggregator has no order-signing key"}),
     Route("POST", "/api/v1/placement/dry-run", placement_dry_run, ALL_ROLES,
           "Where a VM would go: ranked candidates and every other node with its reasons",
           body=_VM_BODY, responses={400: "bad request"}),
     Route("GET", "/api/v1/vms/{id}", get_vm, ALL_ROLES,
           "One VM (by id or name) with its order history", responses=_VM_404),
     Route("DELETE", "/api/v1/vms/{id}", _vm_action("delete"), _OPERATE,
-          "Delete a VM: ordered off its node; then it answers 404",
-          responses={202: "ordered", **_VM_404}),
+          "Delete a VM: ordered off its node; then it answers 404", responses=_VM_ACTED),
     Route("POST", "/api/v1/vms/{id}/start", _vm_action("start"), _OPERATE, "Start a VM",
-          responses={202: "ordered", **_VM_404}),
+          responses=_VM_ACTED),
     Route("POST", "/api/v1/vms/{id}/stop", _vm_action("stop"), _OPERATE,
           "Stop a VM (shutdown, then power off after the node's timeout)",
-          responses={202: "ordered", **_VM_404}),
+          responses=_VM_ACTED),
     Route("POST", "/api/v1/vms/{id}/reboot", _vm_action("reboot"), _OPERATE, "Reboot a VM",
-          responses={202: "ordered", **_VM_404}),
+          responses=_VM_ACTED),
     Route("POST", "/api/v1/vms/{id}/migrate", migrate_vm, _OPERATE,
           "Move a VM to another node: live (default) or cold, to the node named or where"
           " placement picks under the VM's policy; both nodes check the move",
           body=_MOVE_BODY,
+          body_required=False,
           responses={202: "the move has begun (see GET /api/v1/moves/{id})", **_VM_404,
+                     **_NO_SIGNER,
                      409: "the VM cannot move now, or no node can take it (with reasons)"}),
     Route("GET", "/api/v1/moves", list_moves, ALL_ROLES, "Moves of VMs, newest first",
           query=(("vm", "a VM's id or name"),
-                 ("state", "open, preparing, migrating, adopting, releasing, succeeded or"
-                           " failed"),
-                 ("limit", "1-10000 (default 200)")),
-          responses={400: "bad query"}),
+                 ("state", "open (any of the steps before the end), or one state",
+                  {"type": "string",
+                   "enum": ["open", *moves.OPEN_STATES, "succeeded", "failed"]}),
+                 ("limit", "1-10000 (default 200)", _LIMIT)),
+          responses={400: "bad query", 404: "no such VM (the vm parameter)"}),
     Route("GET", "/api/v1/moves/{id}", get_move, ALL_ROLES,
           "One move: its step, the migration's progress while it runs, its result (downtime,"
           " duration, bytes) and its orders", responses={404: "no such move"}),
@@ -757,8 +822,9 @@ ROUTES: tuple[Route, ...] = (
           "Check every VM's residency chain end to end"),
     Route("GET", "/api/v1/orders", list_orders, ALL_ROLES, "Orders, newest first",
           query=(("node", "only this node's"), ("vm", "only this VM's"),
-                 ("state", "pending, sent, accepted, succeeded, failed or expired"),
-                 ("limit", "at most this many, 1-10000 (default 200)")),
+                 ("state", "only orders in this state",
+                  {"type": "string", "enum": [*orders.OPEN, *orders.FINAL]}),
+                 ("limit", "at most this many, 1-10000 (default 200)", _LIMIT)),
           responses={400: "bad query"}),
     Route("GET", "/api/v1/orders/{id}", get_order, ALL_ROLES,
           "One order with its state history and the node's result",
@@ -771,26 +837,59 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        "additionalProperties": True}},
+}
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_TEXT_ROUTES = frozenset({"/metrics"})
+
+
+def _statuses(r: Route) -> dict[int, str]:
+    """Every status the route can answer: its own, and those every route of its kind can."""
+    out = {200: "ok", **r.responses}
+    if any(code in out for code in (201, 202)) and 200 not in r.responses:
+        del out[200]
+    if r.body is not None:
+        out.setdefault(400, "the body is not valid JSON, or breaks the schema")
+        out.setdefault(413, "the body is larger than 1 MiB")
+    if r.query:
+        out.setdefault(400, "a query parameter is not valid")
+    if "{id}" in r.path:
+        out.setdefault(404, "not found")
+    if r.roles:
+        out[401] = "missing or invalid token"
+        out[403] = "role not allowed"
+    return dict(sorted(out.items()))
+
+
+def _response(r: Route, code: int, text: str) -> dict[str, Any]:
+    if code >= 400:
+        return {"description": text, "content": {"application/json": {"schema": _ERROR}}}
+    if r.path in _TEXT_ROUTES:
+        return {"description": text, "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return {"description": text, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
 def openapi_document(routes: tuple[Route, ...]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for r in routes:
         op: dict[str, Any] = {
             "summary": r.summary,
             "operationId": r.handler.__name__,
-            "responses": {
-                str(code): {"description": text}
-                for code, text in {200: "ok", **r.responses}.items()
-            },
+            "responses": {str(code): _response(r, code, text)
+                          for code, text in _statuses(r).items()},
         }
         if r.roles:
             op["security"] = [{"bearer": []}]
             op["x-roles"] = list(r.roles)
-            op["responses"]["401"] = {"description": "missing or invalid token"}
-            op["responses"]["403"] = {"description": "role not allowed"}
         params = [
-            {"name": name, "in": "query", "required": False, "description": text,
-             "schema": {"type": "string"}}
-            for name, text in r.query
+            {"name": q[0], "in": "query", "required": False, "description": q[1],
+             "schema": q[2] if len(q) == 3 else {"type": "string"}}
+            for q in r.query
         ]
         if "{id}" in r.path:
             params.insert(0, {"name": "id", "in": "path", "required": True,
@@ -798,14 +897,15 @@ def openapi_document(routes: tuple[Route, ...]) -> dict[str, Any]:
         if params:
             op["parameters"] = params
         if r.body is not None:
-            op["requestBody"] = {
-                "required": True, "content": {"application/json": {"schema": r.body}}
-            }
+            content: dict[str, Any] = {"application/json": {"schema": r.body}}
+            content.update(r.other_bodies)
+            op["requestBody"] = {"required": r.body_required, "content": content}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.0.3",
         "info": {"title": "virt8ra aggregator API", "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+                       "schemas": {"Error": _ERROR_SCHEMA}},
         "paths": paths,
     }
 
@@ -847,10 +947,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 await _audit_request(request, route, 403)
                 return error(403, "forbidden", f"role {role!r} may not {route.method} {route.path}")
         response = await _handle(request, handler)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    except web.HTTPException as exc:  # the body reader's 413, rendered by json_errors
+        if route is not None and route.roles and route.method != "GET":
+            await _audit_request(request, route, exc.status)
+        raise
     if route is not None and route.roles and route.method != "GET":
         await _audit_request(request, route, response.status)
     return response
@@ -881,7 +981,7 @@ async def _audit_request(request: web.Request, route: Route, status: int) -> Non
 
 
 def make_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[guard], client_max_size=1 << 20)
+    app = web.Application(middlewares=[json_errors, guard], client_max_size=1 << 20)
     app[SERVICES] = services
     for r in ROUTES:
         resource_route = app.router.add_route(r.method, r.path, r.handler)

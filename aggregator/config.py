@@ -116,10 +116,14 @@ class ImagesConfig:
     # Nodes fetch images here over HTTPS with their own certificates (mutual TLS, CRL checked).
     host: str = "127.0.0.1"
     port: int = 8481
+    # The largest image the aggregator takes (registered or uploaded), counted while copying.
+    max_bytes: int = 64 << 30
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        if self.max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ the guests, the libvirt daemons and the namespaces go too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -110,8 +112,11 @@ class Demo:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
+        # Its own process group: what it starts in turn (the aggregator's broker, ingest
+        # process and multiprocessing's resource tracker) is waited for with it in stop(),
+        # and Ctrl-C reaches the demo alone, which stops the agents before the aggregator.
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, process_group=0)
         self.procs[name] = proc
         return proc
 
@@ -256,6 +261,22 @@ class Demo:
                 return nodes
             time.sleep(0.3)
 
+    @contextlib.contextmanager
+    def reaping(self) -> Iterator[None]:
+        """Collect each child as it exits (on SIGCHLD), so none stays a zombie that looks
+        alive while start-up goes on. Safe inside a signal handler: ``poll`` never blocks,
+        and gives up at once if a ``wait`` holds the lock."""
+
+        def reap(signum: int, frame: FrameType | None) -> None:
+            for proc in list(self.procs.values()):
+                proc.poll()
+
+        previous = signal.signal(signal.SIGCHLD, reap)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGCHLD, previous)
+
     def supervise(self) -> None:
         """Block until interrupted; report children that die."""
         reported: set[str] = set()
@@ -278,6 +299,7 @@ class Demo:
                     _wait(p)
         for proc in self.procs.values():
             _wait(proc)
+            _wait_group(proc.pid)
         for log in self._logs:
             log.close()
         if self.rig is not None:  # the guests, the libvirt daemons, the namespaces
@@ -294,6 +316,35 @@ def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        state, _ppid, group = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(group) == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_group(pgid: int, timeout_s: float = 15) -> None:
+    """Until every process of the group is gone; past the timeout they are killed."""
+    deadline, killed = time.monotonic() + timeout_s, False
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            if killed:
+                return  # unkillable (stuck in the kernel): nothing more to do
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            deadline, killed = time.monotonic() + 5, True
+        time.sleep(0.05)
 
 
 def _summary(console: Console, nodes: list[dict[str, object]]) -> None:
@@ -327,6 +378,27 @@ class _SignalSafeConsole(Console):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _next_steps(demo: Demo, api_port: int, real: bool) -> str:
+    token_file = demo.layout.admin_token
+    api = f"http://127.0.0.1:{api_port}"
+    return (
+        f"\nAPI: {api}  (admin token in {token_file})\n"
+        f"  curl -H \"Authorization: Bearer $(cat {token_file})\" "
+        f"127.0.0.1:{api_port}/api/v1/nodes\n"
+        f"  export VIRT8RA_API={api} VIRT8RA_TOKEN=$(cat {token_file})\n"
+        f"  virt8ra nodes\n"
+        + (f"  virt8ra vm migrate {REAL_VM} --to {REAL_NODES[1].id}\n"
+           f"  virt8ra vm create tiny-2 --memory 128 --kernel tiny-kernel --initrd"
+           f" tiny-initrd --cmdline console=ttyS0\n"
+           f"  virt8ra node drain {REAL_NODES[0].id}; virt8ra moves;"
+           f" virt8ra vm residency {REAL_VM}\n"
+           if real else
+           f"  virt8ra vm create cam-7 --image {DEMO_IMAGE} --disk 1 --country SI\n"
+           f"  virt8ra vms; virt8ra orders; virt8ra vm residency cam-7\n")
+        + f"logs in {demo.dir / 'logs'}; Ctrl-C stops everything."
+    )
+
+
 def run_demo(data_dir: Path, nodes: int, api_port: int, broker_port: int = 0,
              interval_s: float = 2.0, real: bool = False) -> int:
     console = _SignalSafeConsole()
@@ -342,39 +414,23 @@ def run_demo(data_dir: Path, nodes: int, api_port: int, broker_port: int = 0,
         return 2
     demo = Demo(data_dir, nodes, api_port, broker_port, interval_s, console, real)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        api = demo.start()
-        _summary(console, demo.wait_online(api))
-        token_file = demo.layout.admin_token
-        print(
-            f"\nAPI: http://127.0.0.1:{api_port}  (admin token in {token_file})\n"
-            f"  curl -H \"Authorization: Bearer $(cat {token_file})\" "
-            f"127.0.0.1:{api_port}/api/v1/nodes\n"
-            f"  export VIRT8RA_API=http://127.0.0.1:{api_port} VIRT8RA_TOKEN=$(cat {token_file})\n"
-            f"  virt8ra nodes\n"
-            + (f"  virt8ra vm migrate {REAL_VM} --to {REAL_NODES[1].id}\n"
-               f"  virt8ra vm create tiny-2 --memory 128 --kernel tiny-kernel --initrd"
-               f" tiny-initrd --cmdline console=ttyS0\n"
-               f"  virt8ra node drain {REAL_NODES[0].id}; virt8ra moves;"
-               f" virt8ra vm residency {REAL_VM}\n"
-               if real else
-               f"  virt8ra vm create cam-7 --image {DEMO_IMAGE} --disk 1 --country SI\n"
-               f"  virt8ra vms; virt8ra orders; virt8ra vm residency cam-7\n")
-            + f"logs in {demo.dir / 'logs'}; Ctrl-C stops everything.",
-            flush=True,
-        )
-        demo.supervise()
-    except (KeyboardInterrupt, _Stop):
-        console.print("\nstopping…")
-    except (RuntimeError, ApiClientError, OSError) as exc:
-        console.print(f"[red]demo failed: {exc}[/]")
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        demo.stop()
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with demo.reaping():
+        try:
+            api = demo.start()
+            _summary(console, demo.wait_online(api))
+            print(_next_steps(demo, api_port, real), flush=True)
+            demo.supervise()
+        except (KeyboardInterrupt, _Stop):
+            console.print("\nstopping…")
+        except (RuntimeError, ApiClientError, OSError) as exc:
+            console.print(f"[red]demo failed: {exc}[/]")
+            return 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            demo.stop()
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     console.print("stopped")
     return 0
 

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import stat
 import struct
 import tempfile
 from collections.abc import AsyncIterator
@@ -47,44 +48,73 @@ def sniff_format(path: Path) -> str:
     return "qcow2"
 
 
-def check_source(source: Path, data_dir: Path) -> Path:
-    """A file on the aggregator host to register: never one inside the data directory (its
-    keys, database, other images)."""
+def take_file(source: str, data_dir: Path, directory: Path,
+              limit: int = MAX_IMAGE_BYTES) -> tuple[str, int, Path]:
+    """Copy a file of the aggregator host into ``directory`` under its sha256;
+    ``(sha256, size, path)``. Blocking: run it in a thread.
+
+    The one place a file on the host becomes an image: whatever the filesystem says on the
+    way (no such file, a NUL byte in the path, a read error, not a regular file, past the
+    limit) is a :class:`Refused`, and nothing is left behind."""
+    try:
+        return _copy_in(_check_source(Path(source), data_dir), directory, limit)
+    except Refused:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise Refused("unreadable", f"{source!r} cannot be read: {reason}", 422) from None
+
+
+def _check_source(source: Path, data_dir: Path) -> Path:
+    """Never a file inside the data directory (its keys, database, other images)."""
+    if "\0" in str(source):
+        raise Refused("invalid_path", "the path contains a NUL character")
+    if not source.is_absolute():  # relative to what? not to the aggregator's own directory
+        raise Refused("invalid_path", "the path must be absolute")
     try:
         resolved = source.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise Refused("invalid_path", f"{source} is not a file on the aggregator") from None
+        raise Refused("invalid_path", f"{str(source)!r} is not a file on the aggregator") from None
     if resolved.is_relative_to(data_dir.resolve()):
         raise Refused("invalid_path", "files inside the aggregator's data directory cannot be"
                       " images", 403)
-    if not resolved.is_file():
-        raise Refused("invalid_path", f"{source} is not a file on the aggregator")
-    if resolved.stat().st_size > MAX_IMAGE_BYTES:
-        raise Refused("too_large", f"images are limited to {MAX_IMAGE_BYTES} bytes", 413)
     return resolved
 
 
-def store_file(source: Path, directory: Path) -> tuple[str, int, Path]:
-    """Copy ``source`` into ``directory`` under its sha256; ``(sha256, size, path)``.
-    Blocking: run it in a thread."""
-    if not source.is_file():
-        raise Refused("invalid_path", f"{source} is not a file on the aggregator")
-    directory.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".upload-")
-    try:
-        with source.open("rb") as src, os.fdopen(fd, "wb") as out:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        return _keep(Path(tmp), digest.hexdigest(), directory)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _copy_in(source: Path, directory: Path, limit: int) -> tuple[str, int, Path]:
+    # O_NONBLOCK: a FIFO opens without waiting for a writer, and is then refused below.
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)  # of what was opened, not of a name that may change meanwhile
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Refused("invalid_path", f"{str(source)!r} is not a regular file")
+    with os.fdopen(fd, "rb") as src:
+        if st.st_size > limit:
+            raise Refused("too_large", f"images are limited to {limit} bytes", 413)
+        directory.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        tmp_fd, tmp = tempfile.mkstemp(dir=directory, prefix=".upload-")
+        try:
+            size = 0
+            with os.fdopen(tmp_fd, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:  # the size it claimed was not the size it has
+                        raise Refused("too_large", f"images are limited to {limit} bytes", 413)
+                    digest.update(chunk)
+                    out.write(chunk)
+            if size == 0:
+                raise Refused("empty", f"{str(source)!r} is empty")
+            return _keep(Path(tmp), digest.hexdigest(), directory)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
-async def store_stream(chunks: AsyncIterator[bytes], directory: Path) -> tuple[str, int, Path]:
-    """An upload streamed into ``directory`` under its sha256 (file work in a thread)."""
+async def store_stream(chunks: AsyncIterator[bytes], directory: Path,
+                       limit: int = MAX_IMAGE_BYTES) -> tuple[str, int, Path]:
+    """An upload streamed into ``directory`` under its sha256 (file work in a thread),
+    counted as it comes: past ``limit`` it is refused and nothing is kept."""
     await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=directory, prefix=".upload-")
@@ -94,9 +124,8 @@ async def store_stream(chunks: AsyncIterator[bytes], directory: Path) -> tuple[s
         with os.fdopen(fd, "wb") as out:
             async for chunk in chunks:
                 size += len(chunk)
-                if size > MAX_IMAGE_BYTES:
-                    raise Refused("too_large", f"images are limited to {MAX_IMAGE_BYTES} bytes",
-                                  413)
+                if size > limit:
+                    raise Refused("too_large", f"images are limited to {limit} bytes", 413)
                 digest.update(chunk)
                 await asyncio.to_thread(out.write, chunk)
         if size == 0:

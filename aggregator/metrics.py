@@ -1,13 +1,26 @@
 """/metrics in Prometheus text, through prometheus_client, from figures read at scrape time
-(no second copy of the counters)."""
+(no second copy of the counters).
+
+Two sources: the service's in-process counters (ingest, store, broker, renewals: named in
+:data:`FIGURES`) and the fleet's state in the database (nodes, orders and moves by state,
+orders published and retried, order latency: :class:`FleetFigures`). A counter the service
+computes but :data:`FIGURES` does not describe is still exported (untyped), never dropped.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 # name -> (kind, help); the snapshot supplies the values under the same names.
@@ -29,26 +42,86 @@ FIGURES: Final = {
     "virt8ra_certificates_renewed": ("counter", "Node certificates renewed over MQTT"),
 }
 
+# Upper bounds (seconds) of the order latency histogram's buckets: a start takes well under a
+# second on a node, a live migration minutes.
+LATENCY_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                            300.0, 600.0)
+ORDER_STATES: Final = ("pending", "sent", "accepted", "succeeded", "failed", "expired")
+MOVE_STATES: Final = ("preparing", "migrating", "adopting", "releasing", "succeeded",
+                      "failed")
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A histogram read from the database: ``counts[i]`` orders took at most
+    ``LATENCY_BUCKETS_S[i]`` seconds (cumulative); ``count`` and ``sum_s`` over all."""
+
+    counts: tuple[int, ...] = (0,) * len(LATENCY_BUCKETS_S)
+    count: int = 0
+    sum_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FleetFigures:
+    """What /metrics reads from the database at each scrape."""
+
+    nodes: dict[str, int] = field(default_factory=dict)  # status -> count
+    orders: dict[str, int] = field(default_factory=dict)  # state -> count
+    moves: dict[str, int] = field(default_factory=dict)  # state -> count
+    orders_published: int = 0  # every publish of every order, resends included
+    orders_retried: int = 0  # publishes after an order's first
+    latency: Latency = field(default_factory=Latency)
+
 
 class _Snapshot(Collector):
-    def __init__(self, figures: dict[str, float], nodes: dict[str, int]) -> None:
+    def __init__(self, figures: dict[str, float], fleet: FleetFigures) -> None:
         self._figures = figures
-        self._nodes = nodes
+        self._fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
-        for name, (kind, text) in FIGURES.items():
-            value = self._figures.get(name, 0.0)
+        for name, value in {**dict.fromkeys(FIGURES, 0.0), **self._figures}.items():
+            kind, text = FIGURES.get(name, ("untyped", "(undocumented)"))
             if kind == "counter":
                 yield CounterMetricFamily(name, text, value=value)
-            else:
+            elif kind == "gauge":
                 yield GaugeMetricFamily(name, text, value=value)
-        nodes = GaugeMetricFamily("virt8ra_nodes", "Nodes by status", labels=["status"])
-        for status, count in sorted(self._nodes.items()):
-            nodes.add_metric([status], count)
-        yield nodes
+            else:
+                yield UnknownMetricFamily(name, text, value=value)
+        f = self._fleet
+        yield _by("virt8ra_nodes", "Nodes by status", "status",
+                  {"online": 0, "offline": 0, "revoked": 0, **f.nodes})
+        yield _by("virt8ra_orders", "Orders by state", "state",
+                  {**dict.fromkeys(ORDER_STATES, 0), **f.orders})
+        yield _by("virt8ra_moves", "Moves of VMs by state", "state",
+                  {**dict.fromkeys(MOVE_STATES, 0), **f.moves})
+        yield CounterMetricFamily("virt8ra_orders_published",
+                                  "Orders published to nodes, resends included",
+                                  value=f.orders_published)
+        yield CounterMetricFamily("virt8ra_orders_retried",
+                                  "Orders published again (unanswered, or asked how they ended)",
+                                  value=f.orders_retried)
+        lat = f.latency
+        buckets = [(_le(bound), float(n)) for bound, n in zip(LATENCY_BUCKETS_S, lat.counts,
+                                                               strict=True)]
+        buckets.append(("+Inf", float(lat.count)))
+        yield HistogramMetricFamily(
+            "virt8ra_order_latency_seconds",
+            "From an order's first publish to the node's final report",
+            buckets=buckets, sum_value=lat.sum_s)
 
 
-def render_metrics(figures: dict[str, float], nodes: dict[str, int]) -> bytes:
+def _by(name: str, text: str, label: str, counts: dict[str, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, text, labels=[label])
+    for key, count in sorted(counts.items()):
+        family.add_metric([key], count)
+    return family
+
+
+def _le(bound: float) -> str:
+    return repr(bound)
+
+
+def render_metrics(figures: dict[str, float], fleet: FleetFigures) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(figures, nodes))
+    registry.register(_Snapshot(figures, fleet))
     return generate_latest(registry)

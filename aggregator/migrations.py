@@ -433,6 +433,20 @@ def _m007_moves(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m008_order_latency(db: sqlite_utils.Database) -> None:
+    """When each order was first published, and how long it took from then to the node's
+    final report (/metrics' order latency histogram)."""
+    db.conn.executescript(
+        """
+        ALTER TABLE orders ADD COLUMN sent_at REAL;
+        ALTER TABLE orders ADD COLUMN latency_s REAL;
+        UPDATE orders SET sent_at = (SELECT MIN(ts) FROM order_history h
+                                     WHERE h.order_id = orders.id AND h.state = 'sent');
+        CREATE INDEX orders_latency ON orders (latency_s) WHERE latency_s IS NOT NULL;
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_trust", _m002_trust),
@@ -441,6 +455,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("005_placement_headroom", _m005_placement_headroom),
     ("006_residency_head", _m006_residency_head),
     ("007_moves", _m007_moves),
+    ("008_order_latency", _m008_order_latency),
 ]
 
 

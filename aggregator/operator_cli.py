@@ -34,6 +34,43 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(args.api or os.environ.get("VIRT8RA_API", "http://127.0.0.1:8480"), token)
 
 
+# Columns that hold identifiers: never cut, whatever the terminal's width.
+_ID_COLUMNS = frozenset({"node", "id", "name", "vm_name", "vm", "source", "dest", "uuid",
+                         "sha256", "site", "order"})
+
+
+def _table(columns: list[str], rows: list[list[str]], **options: Any) -> Table:
+    """A table whose identifier columns are never cut: the other columns wrap to make room."""
+    table = Table(**options)
+    for col in columns:
+        if col in _ID_COLUMNS:
+            width = max([len(col), *(len(r[columns.index(col)]) for r in rows)])
+            table.add_column(col, no_wrap=True, min_width=width)
+        else:
+            table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def iso_time(ts: Any) -> str:
+    """ISO 8601 UTC of unix seconds (``2026-12-04T17:40:00Z``); ``""`` for none."""
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _iso_times(value: Any, key: str = "") -> Any:
+    """JSON with its times (``*_at``, ``ts``, ``from``, ``until``) in ISO 8601 UTC."""
+    if isinstance(value, dict):
+        return {k: _iso_times(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_iso_times(v, key) for v in value]
+    if key.endswith("_at") or key in ("ts", "from", "until", "time"):
+        return iso_time(value) or value
+    return value
+
+
 def _ago(ts: Any) -> str:
     if not isinstance(ts, int | float):
         return "never"
@@ -46,18 +83,17 @@ def _cmd_nodes(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(nodes, indent=2))
         return 0
-    table = Table()
-    for col in ("node", "status", "country", "provider", "site", "profile", "cpus", "memory",
-                "last seen"):
-        table.add_column(col)
+    rows = []
     for n in nodes:
         cap = n.get("capacity") or {}
         mem = cap.get("memory_bytes")
         style = "green" if n["status"] == "online" else "red"
-        table.add_row(n["id"], f"[{style}]{n['status']}[/]", n["country"], n["provider"],
-                      n["site"], n["profile"], str(cap.get("cpus", "")),
-                      f"{mem // 2**30} GiB" if isinstance(mem, int) else "", _ago(n["last_seen"]))
-    console.print(table)
+        rows.append([n["id"], f"[{style}]{n['status']}[/]", n["country"], n["provider"],
+                     n["site"], n["profile"], str(cap.get("cpus", "")),
+                     f"{mem // 2**30} GiB" if isinstance(mem, int) else "",
+                     _ago(n["last_seen"])])
+    console.print(_table(["node", "status", "country", "provider", "site", "profile", "cpus",
+                          "memory", "last seen"], rows))
     return 0
 
 
@@ -88,14 +124,12 @@ def _cmd_node(args: argparse.Namespace, console: Console) -> int:
         console.print(f"cpu {host['cpu_percent']:.1f}%  load {host['load1']:.2f}  memory "
                       f"{host['mem_available_bytes'] // 2**20} MiB free of "
                       f"{host['mem_total_bytes'] // 2**20} MiB")
-    table = Table(title="VMs")
-    for col in ("name", "uuid", "state", "vcpus", "cpu time"):
-        table.add_column(col)
+    rows = []
     for vm in node.get("vms", []):
         cpu = vm.get("cpu_time_ns")
-        table.add_row(vm["name"], vm["uuid"], vm["state"], str(vm.get("vcpus") or ""),
-                      f"{cpu / 1e9:.1f}s" if cpu else "")
-    console.print(table)
+        rows.append([vm["name"], vm["uuid"], vm["state"], str(vm.get("vcpus") or ""),
+                     f"{cpu / 1e9:.1f}s" if cpu else ""])
+    console.print(_table(["name", "uuid", "state", "vcpus", "cpu time"], rows, title="VMs"))
     for gap in node.get("gaps", []):
         console.print(f"[yellow]gap[/] {gap['channel']} {gap['first_seq']}..{gap['last_seq']}: "
                       f"{gap['reason']}")
@@ -145,19 +179,16 @@ def _revoke(args: argparse.Namespace, console: Console) -> int:
 
 
 def _rows(console: Console, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    table = Table()
-    for col in columns:
-        table.add_column(col)
+    cells = []
     for row in rows:
-        cells = []
+        line = []
         for col in columns:
             value = row.get(col)
             if col.endswith("_at") or col == "ts":
-                value = "" if value is None else time.strftime("%Y-%m-%d %H:%M:%S",
-                                                               time.gmtime(value))
-            cells.append("" if value is None else str(value))
-        table.add_row(*cells)
-    console.print(table)
+                value = iso_time(value)
+            line.append("" if value is None else str(value))
+        cells.append(line)
+    console.print(_table(columns, cells))
 
 
 def _cmd_token_list(args: argparse.Namespace, console: Console) -> int:
@@ -212,7 +243,7 @@ def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(events, indent=2))
         return 0
     for e in reversed(events):  # oldest first, like a log
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["ts"]))
+        when = iso_time(e["ts"])
         style = "green" if e["outcome"] == "ok" else "red"
         detail = " ".join(f"{k}={v}" for k, v in sorted(e["detail"].items()) if v is not None)
         console.print(f"{when} [{style}]{e['outcome']:<9}[/] [bold]{e['action']}[/] "
@@ -226,15 +257,14 @@ def _cmd_vms(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(found["vms"], indent=2))
         return 0
-    table = Table()
-    for col in ("name", "id", "node", "desired", "actual", "vcpus", "memory", "why"):
-        table.add_column(col)
+    rows = []
     for vm in found["vms"]:
         style = "green" if vm["actual_state"] == "running" else "yellow"
-        table.add_row(vm["name"], vm["id"][:8], vm["node"] or "", vm["desired_state"],
-                      f"[{style}]{vm['actual_state']}[/]", str(vm["vcpus"]),
-                      f"{vm['memory_mib']} MiB", vm["state_reason"])
-    console.print(table)
+        rows.append([vm["name"], vm["id"], vm["node"] or "", vm["desired_state"],
+                     f"[{style}]{vm['actual_state']}[/]", str(vm["vcpus"]),
+                     f"{vm['memory_mib']} MiB", vm["state_reason"]])
+    console.print(_table(["name", "id", "node", "desired", "actual", "vcpus", "memory", "why"],
+                         rows))
     return 0
 
 
@@ -288,8 +318,7 @@ def _cmd_vm(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(vm, indent=2))
         return 0
     if args.action == "residency":
-        print(json.dumps(api.get(f"/api/v1/vms/{args.name}/residency"), indent=2))
-        return 0
+        return _residency(api.get(f"/api/v1/vms/{args.name}/residency"), args, console)
     if args.action == "delete":
         done = api.request("DELETE", f"/api/v1/vms/{args.name}")
     else:
@@ -387,14 +416,32 @@ def _cmd_orders(args: argparse.Namespace, console: Console) -> int:
 def _cmd_image(args: argparse.Namespace, console: Console) -> int:
     api = _client(args)
     if args.action == "list":
-        _rows(console, api.get("/api/v1/images")["images"],
-              ["name", "format", "size", "sha256", "created_at"])
+        found = api.get("/api/v1/images")["images"]
+        if args.json:
+            print(json.dumps(found, indent=2))
+        else:
+            _rows(console, found, ["name", "format", "size", "sha256", "created_at"])
         return 0
     body = {"name": args.name, "path": str(Path(args.path).resolve())}
     if args.format:
         body["format"] = args.format
     print(json.dumps(api.post("/api/v1/images", body), indent=2))
     return 0
+
+
+def _residency(found: dict[str, Any], args: argparse.Namespace, console: Console) -> int:
+    """Where a VM lived, times in ISO 8601 UTC (the API gives unix seconds)."""
+    if args.json:
+        print(json.dumps(_iso_times(found), indent=2))
+        return 0
+    rows = [[e["node"], e["provider"], e["country"], e["site"], iso_time(e["from"]),
+             iso_time(e["until"]) or "(still there)"] for e in found["entries"]]
+    console.print(_table(["node", "provider", "country", "site", "from", "until"], rows,
+                         title=f"residency of {found['vm']}"))
+    console.print(f"{found['events']} entries: " + (
+        "[green]chain intact[/]" if found["chain_valid"]
+        else f"[red]chain broken at entry {found['broken_at']}[/]"))
+    return 0 if found["chain_valid"] else 1
 
 
 def _cmd_audit_verify(args: argparse.Namespace, console: Console) -> int:
@@ -532,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
         sp = vm.add_parser(action, help=f"{action} a VM (by name or id)")
         sp.add_argument("name")
         sp.add_argument("--wait", type=float, default=60, help="seconds to wait (0: don't)")
+        if action == "residency":
+            sp.add_argument("--json", action="store_true",
+                            help="as JSON (times in ISO 8601 UTC, as in the table)")
         sp.set_defaults(func=_cmd_vm)
 
     sp = vm.add_parser("migrate", help="move a VM to another node (live unless --cold)")
@@ -566,6 +616,7 @@ def parser() -> argparse.ArgumentParser:
     img = sub.add_parser("image", help="the fleet's images").add_subparsers(
         dest="action", required=True)
     sp = img.add_parser("list", help="every image")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_image)
     sp = img.add_parser("add", help="register a file on the aggregator host as an image")
     sp.add_argument("name")
@@ -597,7 +648,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console()
+    # Piped into a file or a pager: as wide as the lines are, so nothing is cut or wrapped.
+    console = Console() if sys.stdout.isatty() else Console(width=1 << 16)
     try:
         return int(args.func(args, console))
     except ApiClientError as exc:

@@ -97,9 +97,16 @@ def mark_sent(conn: sqlite3.Connection, order_ids: list[str], now: float) -> Non
     for order_id in order_ids:
         row = conn.execute("SELECT state, attempts FROM orders WHERE id = ?",
                            (order_id,)).fetchone()
-        if row is None or row[0] not in OPEN:
-            continue  # answered meanwhile
-        attempts = row[1] + 1
+        if row is None:
+            continue
+        attempts = row[1] + 1  # every publish counts (/metrics: published, retried)
+        conn.execute("UPDATE orders SET attempts = ?, sent_at = coalesce(sent_at, ?)"
+                     " WHERE id = ?", (attempts, now, order_id))
+        if row[0] not in OPEN:  # answered before it was marked: its report came after `now`
+            conn.execute("UPDATE orders SET latency_s = max(updated_at - ?, 0) WHERE id = ?"
+                         " AND state IN ('succeeded', 'failed') AND latency_s IS NULL",
+                         (now, order_id))
+            continue
         delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
         if row[0] == "accepted":  # asked how it ended; it stays accepted until it says
             conn.execute("UPDATE orders SET attempts = ?, next_attempt_at = ? WHERE id = ?",
@@ -161,6 +168,9 @@ def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
         return
     conn.execute("UPDATE orders SET state = ?, updated_at = ?, result = ?, error = ? WHERE id = ?",
                  (new, now, json.dumps(report.result), report.error, report.order_id))
+    if new in FINAL:  # from its first publish to this report
+        conn.execute("UPDATE orders SET latency_s = max(? - sent_at, 0) WHERE id = ?"
+                     " AND latency_s IS NULL", (now, report.order_id))
     if new == "accepted":
         conn.execute("UPDATE orders SET next_attempt_at = ? WHERE id = ?",
                      (now + ACCEPTED_RECHECK_S, report.order_id))

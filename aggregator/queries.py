@@ -14,6 +14,7 @@ from typing import Any, Final
 from agent.profiles import Profile
 from agent.wire import HostSample, Telemetry, decode, to_plain
 from aggregator import fleet
+from aggregator.metrics import LATENCY_BUCKETS_S, FleetFigures, Latency
 
 # The host figures a client may ask for by name.
 HOST_METRICS: Final = tuple(
@@ -121,6 +122,24 @@ def status_counts(conn: sqlite3.Connection, now: float, factor: float,
             reported, last_seen, interval, now, factor, min_timeout)
         counts[status] += 1
     return counts
+
+
+def fleet_figures(conn: sqlite3.Connection, now: float, factor: float,
+                  min_timeout: float) -> FleetFigures:
+    """What /metrics reads from the database: nodes, orders and moves by state, publishes
+    and the order latency histogram (orders are never deleted: the counters only grow)."""
+    orders = dict(conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state").fetchall())
+    moves = dict(conn.execute("SELECT state, COUNT(*) FROM moves GROUP BY state").fetchall())
+    published, retried = conn.execute(
+        "SELECT TOTAL(attempts), TOTAL(max(attempts - 1, 0)) FROM orders").fetchone()
+    under = ", ".join(f"TOTAL(latency_s <= {bound!r})" for bound in LATENCY_BUCKETS_S)
+    *counts, count, total = conn.execute(
+        f"SELECT {under}, COUNT(*), TOTAL(latency_s) FROM orders WHERE latency_s IS NOT NULL"
+    ).fetchone()
+    return FleetFigures(
+        nodes=status_counts(conn, now, factor, min_timeout), orders=orders, moves=moves,
+        orders_published=int(published), orders_retried=int(retried),
+        latency=Latency(tuple(int(n) for n in counts), int(count), float(total)))
 
 
 def _latest(conn: sqlite3.Connection, node_id: str) -> Telemetry | None:

@@ -32,6 +32,7 @@ from aggregator.enrollment import EnrollmentError
 from aggregator.ingest import Ingest, ReceiverSettings
 from aggregator.pki import CertificateAuthority, OrderSigner, make_order_key
 from aggregator.store import Store
+from aggregator.webserver import JsonErrorRunner, error, json_errors
 
 log = logging.getLogger("virt8ra.aggregator")
 
@@ -146,7 +147,6 @@ class Aggregator:
         self.renewed = 0
         self.signer: OrderSigner | None = None
         self._dispatch_now = asyncio.Event()
-        self.orders_published = 0
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -167,7 +167,6 @@ class Aggregator:
             "virt8ra_store_backlog": s.backlog,
             "virt8ra_broker_restarts": self.supervisor.restarts if self.supervisor else 0,
             "virt8ra_certificates_renewed": self.renewed,
-            "virt8ra_orders_published": self.orders_published,
         }
 
     async def run(self) -> None:
@@ -215,9 +214,10 @@ class Aggregator:
             order_ttl_s=cfg.orders.ttl_s,
             images_dir=self.layout.images,
             images_url=f"https://{cfg.images.host}:{cfg.images.port}",
+            max_image_bytes=cfg.images.max_bytes,
             orders_changed=self._dispatch_now.set,
         )
-        runner = web.AppRunner(make_app(services), access_log=None)
+        runner = JsonErrorRunner(make_app(services), access_log=None)
         await runner.setup()
         tls = None
         if cfg.api.https:  # plain HTTP only on loopback
@@ -410,22 +410,19 @@ class Aggregator:
                 break
             sent.append(item.order_id)
         if sent:
-            self.orders_published += len(sent)
             await self.store.write(lambda db: orders.mark_sent(db.conn, sent, now))
 
     async def _image_service(self) -> None:
         """Images (and the CRL) for nodes: HTTPS that requires a fleet certificate not in
         the CRL."""
         cfg = self.config.images
-        app = web.Application()
+        app = web.Application(middlewares=[json_errors])
 
         async def image(request: web.Request) -> web.StreamResponse:
             name = request.match_info["name"]
             path = await self.store.read(lambda c: images.path_of(c, name))
             if path is None:
-                return web.json_response(
-                    {"error": {"code": "not_found", "message": f"no image {name!r}"}},
-                    status=404)
+                return error(404, "not_found", f"no image {name!r}")
             return web.FileResponse(path)
 
         async def crl(request: web.Request) -> web.StreamResponse:
@@ -435,7 +432,7 @@ class Aggregator:
 
         app.router.add_get("/images/{name}", image)
         app.router.add_get("/crl", crl)
-        runner = web.AppRunner(app, access_log=None)
+        runner = JsonErrorRunner(app, access_log=None)
         await runner.setup()
         tls = client_verifying_context(self.layout.pki / "api.crt", self.layout.pki / "api.key",
                                        self.layout.ca_cert, self.layout.crl)

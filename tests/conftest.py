@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from agent.profiles import Profile, default_profiles_dir, load_profiles
 from aggregator import moves, trust, vms
@@ -23,6 +24,7 @@ from aggregator.auth import ROLES, create_api_token
 from aggregator.enrollment import TokenScope, create_token
 from aggregator.pki import CertificateAuthority, OrderSigner, make_order_key
 from aggregator.store import Store
+from aggregator.webserver import JsonErrorRunner
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +88,13 @@ class Api:
             return resp.status, json.loads(text)
         except ValueError:
             return resp.status, text
+
+
+class JsonErrorTestServer(TestServer):
+    """The test server on the service's own runner: parse errors answered as JSON too."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return JsonErrorRunner(self.app, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +175,7 @@ async def api(root_dir: Path, pki: CertificateAuthority,
         order_public_key=order_key.read_text(), revoke=revoke,
         crl_changed=crl_changed, signer=signer, images_dir=root_dir / "api-images",
     )
-    client = TestClient(TestServer(make_app(services), host="127.0.0.1"))
+    client = TestClient(JsonErrorTestServer(make_app(services), host="127.0.0.1"))
     await client.start_server()
     yield Api(client, tokens, store, {"vm": made["id"], "order": made["order"],
                                       "doomed": doomed["id"], "move": move["move"], **movers})

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from rich.console import Console
+
 from aggregator.client import ApiClient
+from aggregator.demo import Demo
 from tests.rig import free_port, wait_for
 
 
@@ -40,6 +45,34 @@ def _online(api: ApiClient, count: int) -> list[dict[str, object]]:
     except Exception:
         return []
     return nodes if sum(n["status"] == "online" for n in nodes) == count else []
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process under ``pid`` (children, theirs, and so on)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if state != "Z":
+            parents[int(entry.name)] = int(ppid)
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _interrupt(proc: subprocess.Popen[str]) -> str:
@@ -92,9 +125,12 @@ def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
                                  capture_output=True, text=True, check=False)
         assert refused.returncode == 2
         assert "bearer token" in refused.stderr
+        started = _descendants(proc.pid)  # the aggregator's helpers, the broker, the agents
+        assert len(started) >= 8
     finally:
         _interrupt(proc)
     assert _processes_mentioning(str(data_dir)) == []
+    assert [pid for pid in started if _alive(pid)] == []  # all gone when the demo returns
 
     # The same command again reuses the directory (here on another port): same fleet, no
     # new enrollment, telemetry numbering carried on.
@@ -111,3 +147,16 @@ def test_demo_runs_a_fleet_and_stops_cleanly(workdir: Path) -> None:
     assert "reusing" in out
     assert "enrolled" not in out
     assert _processes_mentioning(str(data_dir)) == []
+
+
+def test_the_demo_reaps_a_child_that_dies_while_it_starts(tmp_path: Path) -> None:
+    """No zombie that looks alive to ``kill -0`` while start-up is still busy."""
+    demo = Demo(tmp_path, 1, free_port(), free_port(), 1.0, Console(file=io.StringIO()))
+    with demo.reaping():
+        proc = demo._spawn("short-lived", ["true"])
+        deadline = time.monotonic() + 10
+        while _alive(proc.pid) or Path(f"/proc/{proc.pid}").exists():
+            assert time.monotonic() < deadline, "the child stayed a zombie"
+            time.sleep(0.05)  # busy elsewhere: only the SIGCHLD handler reaps
+    assert proc.returncode == 0
+    demo.stop()

@@ -10,6 +10,7 @@ import re
 import signal
 import sqlite3
 import ssl
+import subprocess
 import time
 import tomllib
 import urllib.error
@@ -322,10 +323,16 @@ def test_cli_and_a_tampered_residency_record(rig: Rig, capsys: pytest.CaptureFix
                  "--country", "SI", "--wait", "30"]) == 0
     assert "create succeeded" in capsys.readouterr().out
     assert main([*base, "vm", "stop", "cli-vm", "--wait", "30"]) == 0
-    assert main([*base, "vms"]) == 0
-    assert "cli-vm" in capsys.readouterr().out
-    assert main([*base, "audit", "verify"]) == 0
     vm_id = rig.vm("cli-vm")["id"]
+    assert main([*base, "vms"]) == 0
+    assert vm_id in capsys.readouterr().out  # piped: whole ids, never cut to fit 80 columns
+    assert main([*base, "vm", "residency", "cli-vm"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"si-tower-01 .* \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ .*still there", table)
+    assert main([*base, "vm", "residency", "cli-vm", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["entries"][0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["from"])
+    assert main([*base, "audit", "verify"]) == 0
     with sqlite3.connect(rig.fleet.layout.database) as db:  # someone edits history
         db.execute("UPDATE residency SET country = 'XX' WHERE vm_id = ?", (vm_id,))
     record = rig.api.get(f"/api/v1/vms/{vm_id}/residency")
@@ -463,3 +470,23 @@ def test_removing_the_end_of_a_residency_record_is_detected(rig: Rig) -> None:
         db.execute("DELETE FROM residency WHERE vm_id = ?", (made["id"],))
     chains = {c["vm"]: c for c in rig.api.get("/api/v1/residency/verify")["chains"]}
     assert chains[made["id"]]["chain_valid"] is False
+
+
+def test_metrics_count_the_fleets_orders_and_pass_promtool(rig: Rig) -> None:
+    made = rig.api.post("/api/v1/vms", _spec("metered", placement={"countries": ["SI"]}))
+    rig.wait_order(made["order"])
+    with urllib.request.urlopen(f"{rig.fleet.url}/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read()
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                             check=False, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.decode().splitlines() if line and not line.startswith("#")}
+    assert values['virt8ra_orders{state="succeeded"}'] >= 1
+    assert values["virt8ra_orders_published_total"] >= values['virt8ra_orders{state="succeeded"}']
+    assert values["virt8ra_order_latency_seconds_count"] >= 1
+    assert 0 < values["virt8ra_order_latency_seconds_sum"] < 60 * values[
+        "virt8ra_order_latency_seconds_count"]
+    assert values['virt8ra_order_latency_seconds_bucket{le="+Inf"}'] == values[
+        "virt8ra_order_latency_seconds_count"]
+    assert 'virt8ra_moves{state="succeeded"}' in values
