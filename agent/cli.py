@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agent.configfile import ConfigError
+from plumbing.configfile import ConfigError
 
 DEFAULT_CONFIG_DIR = Path("/etc/virt8ra")
 DEFAULT_STATE_DIR = Path("/var/lib/virt8ra")
@@ -22,9 +22,9 @@ DEFAULT_STATE_DIR = Path("/var/lib/virt8ra")
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent import config, daemon
-    from agent.hypervisor import HypervisorError
-    from agent.identity import IdentityExpired
-    from agent.orders import OrderKeyError
+    from agent.host.hypervisor import HypervisorError
+    from agent.identity.certificates import IdentityExpired
+    from agent.orders.runner import OrderKeyError
 
     try:
         daemon.run(config.load(args.config))
@@ -42,8 +42,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """0: the host meets the profile; 1: a requirement failed; 2: usage (unknown profile)."""
-    from agent import hostcheck, simhost
-    from agent.profiles import default_profiles_dir
+    from agent.host import hostcheck, simhost
+    from contract.profiles import default_profiles_dir
 
     directory = args.profiles_dir or default_profiles_dir()
     name = args.profile or args.simulate
@@ -67,7 +67,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from agent.enroll import EnrollError, EnrollOptions, default_node_id, enroll
+    from agent.identity.enroll import EnrollError, EnrollOptions, default_node_id, enroll
 
     try:
         path = enroll(EnrollOptions(

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import configfile, libvirttls
-from agent.wire import ProtocolError, validate_node_id
+from agent.identity import libvirttls
+from contract.wire import ProtocolError, validate_node_id
+from plumbing import configfile
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,19 @@ import signal
 import time
 from collections.abc import Callable
 
-from agent import __version__, images, libvirttls, sdnotify
+from agent import __version__
 from agent.config import AgentConfig
-from agent.configfile import ConfigError
-from agent.hypervisor import DomainEvent, Hypervisor, HypervisorError
-from agent.identity import Identity, IdentityError, IdentityExpired
-from agent.journal import Journal
-from agent.orders import Migration, NodeLimits, OrderRunner, Storage, load_verify_key
-from agent.profiles import Reservations, default_profiles_dir, load_profile
-from agent.sampler import HostSampler
+from agent.host import images
+from agent.host.hypervisor import DomainEvent, Hypervisor, HypervisorError
+from agent.host.sampler import HostSampler
+from agent.identity import libvirttls
+from agent.identity.certificates import Identity, IdentityError, IdentityExpired
+from agent.orders.journal import Journal
+from agent.orders.runner import Migration, NodeLimits, OrderRunner, Storage, load_verify_key
 from agent.spool import Dropped, Spool
-from agent.tls import client_context
 from agent.uplink import Uplink, UplinkSettings
-from agent.wire import (
+from contract.profiles import Reservations, default_profiles_dir, load_profile
+from contract.wire import (
     Certificate,
     GuestSample,
     HostSample,
@@ -38,6 +38,9 @@ from agent.wire import (
     TelemetryGap,
     encode,
 )
+from plumbing import sdnotify
+from plumbing.configfile import ConfigError
+from plumbing.tls import client_context
 
 log = logging.getLogger("virt8ra.agent")
 CONTACT_EVERY_S = 5.0  # how often the journal learns that the aggregator is in reach

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import aiomqtt
 
 from agent.spool import Pending, Spool
-from agent.tls import no_delay
-from agent.wire import Inventory, Message, ProtocolError, Status, decode, encode, topic
+from contract.wire import Inventory, Message, ProtocolError, Status, decode, encode, topic
+from plumbing.tls import no_delay
 
 log = logging.getLogger("virt8ra.agent.uplink")
 

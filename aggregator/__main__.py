@@ -1,5 +1,5 @@
 import sys
 
-from aggregator.cli import main
+from aggregator.cli.daemon import main
 
 sys.exit(main())

@@ -9,7 +9,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import configfile
+from plumbing import configfile
 
 CONFIG_NAME = "aggregator.toml"
 

@@ -19,20 +19,24 @@ from typing import Any
 import sqlite_utils
 from aiohttp import web
 
-from agent import configfile, sdnotify
-from agent.profiles import Profile, default_profiles_dir, load_profiles
-from agent.tls import client_verifying_context, server_context
-from agent.wire import Certificate, RenewRequest, encode
-from aggregator import audit, broker, config, images, moves, orders, placement, trust, vms
-from aggregator.api import Services, make_app
-from aggregator.auth import create_api_token
+from aggregator import config
+from aggregator.api.http import JsonErrorRunner, error, json_errors
+from aggregator.api.routes import Services, make_app
 from aggregator.config import AggregatorConfig, Layout
-from aggregator.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
-from aggregator.enrollment import EnrollmentError
-from aggregator.ingest import Ingest, ReceiverSettings
-from aggregator.pki import CertificateAuthority, OrderSigner, make_order_key
-from aggregator.store import Store
-from aggregator.webserver import JsonErrorRunner, error, json_errors
+from aggregator.fleet import broker
+from aggregator.fleet.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
+from aggregator.fleet.ingest import Ingest, ReceiverSettings
+from aggregator.store.writer import Store
+from aggregator.trust import audit
+from aggregator.trust import nodes as trust
+from aggregator.trust.enrollment import EnrollmentError
+from aggregator.trust.pki import CertificateAuthority, OrderSigner, make_order_key
+from aggregator.trust.tokens import create_api_token
+from aggregator.workloads import images, moves, orders, placement, vms
+from contract.profiles import Profile, default_profiles_dir, load_profiles
+from contract.wire import Certificate, RenewRequest, encode
+from plumbing import configfile, sdnotify
+from plumbing.tls import client_verifying_context, server_context
 
 log = logging.getLogger("virt8ra.aggregator")
 

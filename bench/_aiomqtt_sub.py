@@ -15,8 +15,8 @@ import time
 
 import aiomqtt
 
-from agent.tls import client_context
-from agent.wire import ProtocolError, decode, subscription
+from contract.wire import ProtocolError, decode, subscription
+from plumbing.tls import client_context
 
 
 async def main(args: argparse.Namespace) -> None:

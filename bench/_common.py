@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import psutil
 
-from agent.wire import (
+from contract.wire import (
     DiskSample,
     FilesystemSample,
     GuestSample,
@@ -198,7 +198,7 @@ def telemetry_payload(node: str, i: int, seq: int, ts: float, interval_s: float 
 
 
 class PayloadFactory:
-    """Fast payloads for one node: the envelope that ``agent.wire.encode`` makes for a template
+    """Fast payloads for one node: the envelope that ``contract.wire.encode`` makes for a template
     message, with seq, ts and a few counters changed per message (~10 us instead of ~200 us;
     the bytes are what ``encode`` would produce for the changed message)."""
 

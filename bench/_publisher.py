@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 from _common import PayloadFactory
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.wire import topic
+from contract.wire import topic
 
 API_V2 = CallbackAPIVersion.VERSION2
 

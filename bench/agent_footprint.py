@@ -3,9 +3,10 @@
 
 Initialises an aggregator in a fresh /tmp/bench-footprint-* data dir and runs `serve` (its
 managed Mosquitto is the broker). Each agent gets a certificate from the fleet CA
-(aggregator.pki.CertificateAuthority.issue_to_files, as enrollment would give it), a config file
+(aggregator.trust.pki.CertificateAuthority.issue_to_files, as enrollment would give it), a
+config file
 written by hand, and its own libvirt test-driver host (`test:///abs/path.xml`, built with
-agent.simhost.host_xml) with --guests guests. Two agents run side by side, one per row:
+agent.host.simhost.host_xml) with --guests guests. Two agents run side by side, one per row:
   default            the environment as is
   MALLOC_ARENA_MAX=2 glibc limited to two malloc arenas
 Each samples every --interval seconds for --duration seconds. Reported per agent: RSS (max over
@@ -46,8 +47,8 @@ from _common import (
     wait_for_port,
 )
 
-from agent.profiles import default_profiles_dir, load_profile
-from agent.simhost import host_xml
+from agent.host.simhost import host_xml
+from contract.profiles import default_profiles_dir, load_profile
 
 MB = 1024 * 1024
 VARIANTS: dict[str, dict[str, str]] = {
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace, children: Children, root: Path) -> list[Agent]
     log(f"data dir {root}")
     run_quiet(["virt8ra-aggregator", "init", "--data-dir", str(root),
                "--api-port", str(args.api_port), "--broker-port", str(args.broker_port)])
-    from aggregator.pki import CertificateAuthority
+    from aggregator.trust.pki import CertificateAuthority
 
     ca = CertificateAuthority(root / "pki")
     agents_dir = root / "agents"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drain of a node with --vms VMs on libvirt test-driver hosts: time to empty (orders only).
 
-Runs `virt8ra demo --nodes 6` in-process (aggregator.demo.Demo: the aggregator with its
+Runs `virt8ra demo --nodes 6` in-process (demo.run.Demo: the aggregator with its
 managed Mosquitto, six simulated nodes as agent processes, two of them rack servers with room
 for the VMs). --vms VMs (1 vCPU, 64 MiB, no disk, placed on the rack-server profile) are
 created on the first rack server (the second cordoned meanwhile). Then, for each
@@ -22,8 +22,8 @@ import time
 from _common import install_sigterm_as_interrupt, log, make_data_dir, remove_data_dir, table
 from rich.console import Console
 
-from aggregator.client import ApiClient
-from aggregator.demo import Demo, free_port
+from aggregator.cli.client import ApiClient
+from demo.run import Demo, free_port
 
 
 def wait_running(api: ApiClient, count: int) -> None:

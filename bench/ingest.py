@@ -5,7 +5,7 @@ aggregator's mutual-TLS Mosquitto to three consumers, on one freshly initialised
 Consumers (same broker config: the aggregator's own DIR/broker/mosquitto.conf):
   c          mosquitto_sub (C) with the aggregator's identity, QoS 1: the broker path's ceiling
   aiomqtt    decode-only subscriber on aiomqtt 2.5, MQTT 3.1.1 (`async for message in
-             client.messages: agent.wire.decode(message.payload)`)
+             client.messages: contract.wire.decode(message.payload)`)
   aggregator the real `virt8ra-aggregator serve` (managed broker + ingest + store):
              samples stored per second, from /metrics and the database
 
@@ -244,7 +244,7 @@ class Bench:
         log(f"data dir {self.dir}")
         run_quiet(["virt8ra-aggregator", "init", "--data-dir", str(self.dir),
                    "--api-port", str(a.api_port), "--broker-port", str(a.broker_port)])
-        from aggregator.pki import CertificateAuthority  # cryptography: parent process only
+        from aggregator.trust.pki import CertificateAuthority  # cryptography: parent process only
 
         ca = CertificateAuthority(self.pki)
         self.certs.mkdir()

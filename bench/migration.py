@@ -2,8 +2,8 @@
 """Live migration of the tiny guest: virt8ra's order request → move done, beside a plain
 `virsh migrate --live` between the same two libvirt hosts in the same run.
 
-Runs `virt8ra demo --real` in-process (aggregator.demo.Demo, real mode; root): two libvirt
-hosts in network namespaces (aggregator.tworig) enrolled as two nodes whose libvirt daemons
+Runs `virt8ra demo --real` in-process (demo.run.Demo, real mode; root): two libvirt
+hosts in network namespaces (demo.tworig) enrolled as two nodes whose libvirt daemons
 migrate over TLS with the fleet's certificates, and the tiny TCG guest `demo-1` on the first.
 Then --rounds times there and back:
 
@@ -36,12 +36,12 @@ from pathlib import Path
 from _common import install_sigterm_as_interrupt, log, make_data_dir, remove_data_dir, table
 from rich.console import Console
 
-from agent.domainxml import domain_xml
-from agent.wire import VmSpec
-from aggregator.client import ApiClient
-from aggregator.demo import REAL_NODES, REAL_VM, Demo, free_port
-from aggregator.guestimage import build_tiny_guest
-from aggregator.tworig import Host
+from agent.host.domainxml import domain_xml
+from aggregator.cli.client import ApiClient
+from contract.wire import VmSpec
+from demo.guestimage import build_tiny_guest
+from demo.run import REAL_NODES, REAL_VM, Demo, free_port
+from demo.tworig import Host
 
 OURS_CALL: list[float] = []  # the libvirt migrate call's own wall time in each of our moves
 

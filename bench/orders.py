@@ -9,7 +9,7 @@ the real enrollment and runs its agent. Then, one at a time, --count VMs are cre
 aggregator storing the node's `succeeded` report is read from the order's own history (both
 clocks are this machine's). Then each is
 stopped and started again the same way. The direct path: the same domain XML defined and
-started (and then shut down and started) through agent.hypervisor on a fresh test-driver host
+started (and then shut down and started) through agent.host.hypervisor on a fresh test-driver host
 made from the same profile. Reported: p50, p90, p99, max per path, and the overhead
 (ours minus direct) at p50 and p99. Target: overhead p99 under 50 ms.
 Everything started here is stopped by pid at the end, also on Ctrl-C.
@@ -38,12 +38,12 @@ from _common import (
     table,
 )
 
-from agent.domainxml import domain_xml
-from agent.hypervisor import Hypervisor
-from agent.profiles import default_profiles_dir, load_profile
-from agent.simhost import host_xml
-from agent.wire import VmSpec
-from aggregator.client import ApiClient
+from agent.host.domainxml import domain_xml
+from agent.host.hypervisor import Hypervisor
+from agent.host.simhost import host_xml
+from aggregator.cli.client import ApiClient
+from contract.profiles import default_profiles_dir, load_profile
+from contract.wire import VmSpec
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """Placement benchmark: decisions/s and latency of ``load_nodes`` + ``place`` on a large fleet.
 
-Builds a fleet database (the real schema, ``aggregator.migrations.apply``) with N nodes spread
+Builds a fleet database (the real schema, ``aggregator.store.schema.apply``) with N nodes spread
 over 15 countries, a few providers per country, the three hardware profiles and a few VMs per
 node, then times decisions the way the API makes them: ``BEGIN IMMEDIATE``, ``load_nodes``,
 ``place``, ``ROLLBACK`` on one connection. Prints a Markdown table on stdout, progress on stderr.
@@ -27,10 +27,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from agent.profiles import Profile, default_profiles_dir, load_profiles
-from agent.wire import Inventory, to_plain
-from aggregator import migrations
-from aggregator.placement import (
+from aggregator.store import schema as migrations
+from aggregator.workloads.placement import (
     Decision,
     Demand,
     NodeView,
@@ -40,6 +38,8 @@ from aggregator.placement import (
     shortlist,
     sync_reservations,
 )
+from contract.profiles import Profile, default_profiles_dir, load_profiles
+from contract.wire import Inventory, to_plain
 
 # (country, weight): roughly the shape of a European fleet.
 COUNTRIES = [("DE", 18), ("FR", 14), ("IT", 10), ("ES", 9), ("PL", 7), ("NL", 6), ("SE", 5),

@@ -17,14 +17,15 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from agent.profiles import Profile, default_profiles_dir, load_profiles
-from aggregator import moves, trust, vms
-from aggregator.api import Services, make_app
-from aggregator.auth import ROLES, create_api_token
-from aggregator.enrollment import TokenScope, create_token
-from aggregator.pki import CertificateAuthority, OrderSigner, make_order_key
-from aggregator.store import Store
-from aggregator.webserver import JsonErrorRunner
+from aggregator.api.http import JsonErrorRunner
+from aggregator.api.routes import Services, make_app
+from aggregator.store.writer import Store
+from aggregator.trust import nodes as trust
+from aggregator.trust.enrollment import TokenScope, create_token
+from aggregator.trust.pki import CertificateAuthority, OrderSigner, make_order_key
+from aggregator.trust.tokens import ROLES, create_api_token
+from aggregator.workloads import moves, vms
+from contract.profiles import Profile, default_profiles_dir, load_profiles
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +122,7 @@ async def api(root_dir: Path, pki: CertificateAuthority,
 
     async def revoke(node: str, actor: str, reason: str) -> dict[str, Any]:
         # The database half of the service's revocation; the broker half is tested with a
-        # real broker (tests/test_trust.py).
+        # real broker (tests/aggregator/trust/test_trust.py).
         at = time.time()
         serials = await store.write(lambda db: trust.revoke_node(db, node, at, actor, reason))
         return {"node": node, "revoked_at": at, "serials": serials, "reason": reason,

@@ -1,4 +1,4 @@
-"""Two real libvirt hosts (``aggregator.tworig``) as two enrolled nodes of a running fleet:
+"""Two real libvirt hosts (``demo.tworig``) as two enrolled nodes of a running fleet:
 the aggregator with its managed Mosquitto, one agent per host with live migration over TLS
 on the fleet's certificates, and the tiny guest's kernel and initrd registered as images.
 Set up once per test session (``two_host_fleet`` in conftest); tests delete their VMs."""
@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from agent.enroll import EnrollOptions, enroll
-from aggregator.guestimage import TICK_PREFIX, TinyGuest
-from aggregator.tworig import Host, TwoHosts
+from agent.identity.enroll import EnrollOptions, enroll
+from demo.guestimage import TICK_PREFIX, TinyGuest
+from demo.tworig import Host, TwoHosts
 from tests.rig import Fleet, FleetApi, Process, tweak_config, wait_for
 
-RIG_NAME = "v8fleet"  # not the raw rig's (tests/test_tworig.py): both may be up at once
+RIG_NAME = "v8fleet"  # not the raw rig's (tests/demo/test_tworig.py): both may be up at once
 NODES = {  # node id -> where its certificate says it is
     "lab-a": {"site": "ljubljana-lab", "country": "SI", "provider": "arnes"},
     "lab-b": {"site": "graz-lab", "country": "AT", "provider": "a1-telekom"},

@@ -6,7 +6,7 @@ Session fixtures, registered in ``tests/conftest.py``:
   libvirtd is used; else this creates what the ``libvirt-daemon-system`` package would (users,
   groups, directories), starts ``virtlogd`` and ``libvirtd`` as daemons and, at the end of the
   session, stops what it started, by pid.
-- ``tiny_guest``: the busybox guest of ``aggregator.guestimage``, built once per machine into
+- ``tiny_guest``: the busybox guest of ``demo.guestimage``, built once per machine into
   :data:`IMAGE_CACHE` (~8 s cold, instant after), copied where QEMU's user can read it.
 """
 
@@ -27,8 +27,8 @@ from typing import Final
 
 import pytest
 
-from aggregator.guestimage import TinyGuest, build_tiny_guest
-from aggregator.tworig import prepare_libvirt_users, running, socket_answers
+from demo.guestimage import TinyGuest, build_tiny_guest
+from demo.tworig import prepare_libvirt_users, running, socket_answers
 
 SYSTEM_URI: Final = "qemu:///system"
 LIBVIRT_SOCKET: Final = Path("/run/libvirt/libvirt-sock")

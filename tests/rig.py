@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent import configfile
-from agent.enroll import EnrollOptions, enroll
+from agent.identity.enroll import EnrollOptions, enroll
 from aggregator import service
-from aggregator.client import ApiClient
+from aggregator.cli.client import ApiClient
 from aggregator.config import Layout
+from plumbing import configfile
 
 T = TypeVar("T")
 

@@ -11,28 +11,35 @@ import pytest
 ROOT = Path(__file__).parent.parent
 # library -> the only modules allowed to import it
 GATEWAYS = {
-    "libvirt": {"agent/hypervisor.py"},
-    "libvirtaio": {"agent/hypervisor.py"},
-    "psutil": {"agent/sampler.py"},
+    "libvirt": {"agent/host/hypervisor.py"},
+    "libvirtaio": {"agent/host/hypervisor.py"},
+    "psutil": {"agent/host/sampler.py"},
     # The aggregator's two MQTT sessions: receiving (ingest) and sending (control).
-    "aiomqtt": {"agent/uplink.py", "aggregator/ingest.py", "aggregator/control.py"},
-    "paho": {"aggregator/ingest.py"},
+    "aiomqtt": {"agent/uplink.py", "aggregator/fleet/ingest.py", "aggregator/fleet/control.py"},
+    "paho": {"aggregator/fleet/ingest.py"},
     # The agent's two local databases; the aggregator's store and the functions that run on
     # its threads (they take its connections).
-    "sqlite3": {"agent/spool.py", "agent/journal.py", "aggregator/store.py",
-                "aggregator/queries.py", "aggregator/trust.py", "aggregator/audit.py",
-                "aggregator/orders.py", "aggregator/residency.py", "aggregator/vms.py",
-                "aggregator/images.py", "aggregator/placement.py", "aggregator/moves.py"},
+    "sqlite3": {
+        "agent/spool.py", "agent/orders/journal.py", "aggregator/store/writer.py",
+        "aggregator/fleet/queries.py", "aggregator/trust/nodes.py", "aggregator/trust/audit.py",
+        "aggregator/workloads/orders.py", "aggregator/workloads/residency.py",
+        "aggregator/workloads/vms.py", "aggregator/workloads/images.py",
+        "aggregator/workloads/placement.py", "aggregator/workloads/moves.py",
+    },
     # Functions that run on the store's writer thread take its sqlite-utils Database.
-    "sqlite_utils": {"aggregator/store.py", "aggregator/migrations.py",
-                     "aggregator/enrollment.py", "aggregator/auth.py", "aggregator/cli.py",
-                     "aggregator/service.py", "aggregator/trust.py", "aggregator/audit.py"},
+    "sqlite_utils": {
+        "aggregator/store/writer.py", "aggregator/store/schema.py",
+        "aggregator/trust/enrollment.py", "aggregator/trust/tokens.py",
+        "aggregator/cli/daemon.py", "aggregator/service.py", "aggregator/trust/nodes.py",
+        "aggregator/trust/audit.py",
+    },
     # The agent's x509 work runs in the enroll command and in a child process (certtool).
-    "cryptography": {"agent/enroll.py", "agent/certtool.py", "aggregator/pki.py"},
-    "ssl": {"agent/tls.py", "agent/uplink.py", "agent/enroll.py", "agent/images.py",
-            "aggregator/ingest.py", "aggregator/control.py"},
-    "nacl": {"agent/orders.py"},
-    "prometheus_client": {"aggregator/metrics.py"},
+    "cryptography": {"agent/identity/enroll.py", "agent/identity/certtool.py",
+                     "aggregator/trust/pki.py"},
+    "ssl": {"plumbing/tls.py", "agent/uplink.py", "agent/identity/enroll.py",
+            "agent/host/images.py", "aggregator/fleet/ingest.py", "aggregator/fleet/control.py"},
+    "nacl": {"agent/orders/runner.py"},
+    "prometheus_client": {"aggregator/api/metrics.py"},
 }
 
 
@@ -47,7 +54,8 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-SOURCES = sorted(p for pkg in ("agent", "aggregator") for p in (ROOT / pkg).glob("*.py"))
+PACKAGES = ("contract", "plumbing", "agent", "aggregator", "demo")
+SOURCES = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
 
 
 @pytest.mark.parametrize("library", sorted(GATEWAYS))

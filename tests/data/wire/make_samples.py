@@ -1,8 +1,9 @@
 """Write the stored wire samples in this directory: the bytes a protocol-version-1 peer sends.
 
-The samples are built from plain dicts and msgpack, never from ``agent.wire``: they state what
-was on the wire, independently of the code that reads it today. ``tests/test_wire.py`` decodes
-each file and compares it with a dataclass value written out in the test.
+The samples are built from plain dicts and msgpack, never from ``contract.wire``: they state what
+was on the wire, independently of the code that reads it today.
+``tests/contract/test_wire.py`` decodes each file and compares it with a dataclass value
+written out in the test.
 
     python tests/data/wire/make_samples.py              # write the samples that are missing
     python tests/data/wire/make_samples.py --overwrite  # rewrite all (see README.md first)
