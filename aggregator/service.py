@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
 from aiohttp import web
 
 from aggregator import config
@@ -26,6 +25,7 @@ from aggregator.config import AggregatorConfig, Layout
 from aggregator.fleet import broker
 from aggregator.fleet.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
 from aggregator.fleet.ingest import Ingest, ReceiverSettings
+from aggregator.store.tx import Tx
 from aggregator.store.writer import Store
 from aggregator.trust import audit
 from aggregator.trust import nodes as trust
@@ -181,7 +181,7 @@ class Aggregator:
             self.order_public_key = self.layout.order_public_key.read_text()
             self.signer = OrderSigner(self.layout.order_key)
             await self.refresh_crl()  # before the broker reads it: it may have expired meanwhile
-            await self.store.write(lambda db: placement.sync_reservations(db.conn, self.profiles))
+            await self.store.write(lambda db: placement.sync_reservations(db, self.profiles))
             async with asyncio.TaskGroup() as tg:
                 if cfg.broker.managed:
                     conf = broker.write_config(self.layout, cfg.broker)
@@ -334,7 +334,7 @@ class Aggregator:
     async def _renew(self, req: RenewRequest) -> None:
         now, days = time.time(), self.config.pki.node_cert_days
 
-        def sign(db: sqlite_utils.Database) -> trust.Renewed:
+        def sign(db: Tx) -> trust.Renewed:
             return trust.renew(db, self.ca, req.node, req.csr, now, days)
 
         try:
@@ -376,7 +376,7 @@ class Aggregator:
                 await asyncio.wait_for(self._dispatch_now.wait(), timeout=interval)
 
     async def _dispatch(self, now: float) -> None:
-        expired = await self.store.write(lambda db: orders.expire(db.conn, now))
+        expired = await self.store.write(lambda db: orders.expire(db, now))
         if expired:
             log.warning("%d order(s) expired unfinished", expired)
         signer, live, ttl = self.signer, vms.Liveness(
@@ -384,17 +384,17 @@ class Aggregator:
         ), self.config.orders.ttl_s
         if signer is not None:
             restarted = await self.store.write(
-                lambda db: vms.reconcile(db.conn, signer, now, live, ttl))
+                lambda db: vms.reconcile(db, signer, now, live, ttl))
             if restarted:
                 log.info("resuming %d VM(s) their node paused on its own", len(restarted))
             ctx = moves.Context(signer, self.profiles, live, ttl)
             grace, since = self.config.orders.node_loss_grace_s, self.ingest.connected_since
 
-            def move_on(db: sqlite_utils.Database) -> list[str]:
-                moves.advance(db.conn, ctx, now)
-                moves.drive(db.conn, ctx, now)
-                lost = moves.restart_lost(db.conn, ctx, now, grace, since)
-                moves.evict(db.conn, ctx, now)
+            def move_on(db: Tx) -> list[str]:
+                moves.advance(db, ctx, now)
+                moves.drive(db, ctx, now)
+                lost = moves.restart_lost(db, ctx, now, grace, since)
+                moves.evict(db, ctx, now)
                 return lost
 
             try:
@@ -414,7 +414,7 @@ class Aggregator:
                 break
             sent.append(item.order_id)
         if sent:
-            await self.store.write(lambda db: orders.mark_sent(db.conn, sent, now))
+            await self.store.write(lambda db: orders.mark_sent(db, sent, now))
 
     async def _image_service(self) -> None:
         """Images (and the CRL) for nodes: HTTPS that requires a fleet certificate not in
@@ -453,7 +453,7 @@ class Aggregator:
         while not self.stop.is_set():
             now, chunk, total = time.time(), 5000, 0
 
-            def sweep(db: sqlite_utils.Database, now: float = now, chunk: int = chunk
+            def sweep(db: Tx, now: float = now, chunk: int = chunk
                       ) -> tuple[int, int]:
                 return Store.sweep(db, now, r.raw_hours, r.rollup_bucket_s, r.rollup_days, chunk)
 

@@ -25,9 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
-
-from aggregator.store import schema as migrations
+from aggregator.store.writer import open_tx
 from aggregator.workloads.placement import (
     Decision,
     Demand,
@@ -73,10 +71,8 @@ def _vm_size(profile: str, rng: random.Random) -> tuple[int, int, int]:
 def build(path: Path, n: int, profiles: dict[str, Profile], seed: int) -> tuple[int, int]:
     """A fleet database of ``n`` nodes at ``path``; returns (nodes, live VMs)."""
     rng = random.Random(seed)
-    db = sqlite_utils.Database(path)
-    db.execute("PRAGMA journal_mode=WAL")
-    migrations.apply(db)
-    sync_reservations(db.conn, profiles)  # as the aggregator does at start
+    db = open_tx(path)
+    sync_reservations(db, profiles)  # as the aggregator does at start
     countries = [c for c, _ in COUNTRIES]
     weights = [w for _, w in COUNTRIES]
     names = list(PROFILE_WEIGHTS)
@@ -115,17 +111,17 @@ def build(path: Path, n: int, profiles: dict[str, Profile], seed: int) -> tuple[
                         "deleted", "deleted", NOW, NOW, NOW - 10))
             vms.append((f"{node_id}-gone", f"{node_id}-gone", f"gone-{i}", 2, 2048, 10, "{}",
                         None, "running", "running", NOW, NOW, None))
-    with db.conn:
-        db.conn.executemany(
+    with db:
+        db.executemany(
             "INSERT INTO nodes (id, site, country, provider, profile, enrolled_at,"
             " reported_status, last_seen, interval_s, inventory, facts, revoked_at, cordoned)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", nodes)
-        db.conn.executemany(
+        db.executemany(
             "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec,"
             " anti_affinity, desired_state, actual_state, created_at, updated_at, deleted_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", vms)
     db.execute("ANALYZE")
-    db.conn.close()
+    db.close()
     return n, sum(1 for v in vms if v[-1] is None)
 
 
@@ -157,8 +153,7 @@ class Timings:
 
 def measure(path: Path, profiles: dict[str, Profile], count: int, mode: str,
             seed: int, warmup: int) -> dict[str, Timings]:
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
+    conn = open_tx(path)
     conn.execute("PRAGMA synchronous=NORMAL")
     by_kind = {k: Timings([], [], [], []) for k in (*KINDS, "all")}
     clock = time.perf_counter

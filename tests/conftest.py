@@ -143,11 +143,11 @@ async def api(root_dir: Path, pki: CertificateAuthority,
         " 'arnes', 'rack-server', 1, 'online', 4102444800, 10, ?)", [inventory]))  # 2100
     live = vms.Liveness(3.0, 5.0)
     made = await store.write(lambda db: vms.create(
-        db.conn, signer, vms.VmRequest.from_json({"name": "fixture-vm", "vcpus": 1,
+        db, signer, vms.VmRequest.from_json({"name": "fixture-vm", "vcpus": 1,
                                                   "memory_mib": 256}),
         now, profiles, live, 600, "test"))
     doomed = await store.write(lambda db: vms.create(
-        db.conn, signer, vms.VmRequest.from_json({"name": "fixture-doomed", "vcpus": 1,
+        db, signer, vms.VmRequest.from_json({"name": "fixture-doomed", "vcpus": 1,
                                                   "memory_mib": 256}),
         now, profiles, live, 600, "test"))
     # A second online node to move VMs to, VMs there to move (their creates done), a move
@@ -160,16 +160,16 @@ async def api(root_dir: Path, pki: CertificateAuthority,
     movers = {}
     for i in range(4):
         mover = await store.write(lambda db, i=i: vms.create(
-            db.conn, signer, vms.VmRequest.from_json({"name": f"fixture-mover-{i}", "vcpus": 1,
+            db, signer, vms.VmRequest.from_json({"name": f"fixture-mover-{i}", "vcpus": 1,
                                                       "memory_mib": 256}),
             now, profiles, live, 600, "test"))
         await store.write(lambda db, m=mover: db.execute(
             "UPDATE orders SET state = 'succeeded' WHERE id = ?", [m["order"]]))
         movers[f"mover-{i}"] = mover["id"]
     move = await store.write(lambda db: moves.start(
-        db.conn, ctx, movers["mover-0"], "", moves.MoveSettings(mode="cold"), now, "test"))
+        db, ctx, movers["mover-0"], "", moves.MoveSettings(mode="cold"), now, "test"))
     await store.write(lambda db: moves.drain(
-        db.conn, ctx, "si-tower-01", moves.MoveSettings(mode="auto"), 2, now, "test"))
+        db, ctx, "si-tower-01", moves.MoveSettings(mode="auto"), 2, now, "test"))
     services = Services(
         store=store, ca=pki, profiles=profiles, heartbeat_factor=3.0, min_timeout_s=5.0,
         cert_days=1.0, broker_host="127.0.0.1", broker_port=8883, metrics=lambda: {},

@@ -425,7 +425,7 @@ async def add_image(request: web.Request) -> web.Response:
     now, actor = time.time(), _actor(request)
 
     def record(db: Any) -> dict[str, Any]:
-        out = images.register(db.conn, name, fmt, sha256, size, path, now)
+        out = images.register(db, name, fmt, sha256, size, path, now)
         audit.record(db, now, actor, "image.register", name, sha256=sha256, size=size)
         return out
 
@@ -443,7 +443,7 @@ async def create_vm(request: web.Request) -> web.Response:
     req = vms.VmRequest.from_json(await _json_body(request))
     signer, now, actor = _signer(svc), time.time(), _actor(request)
     result = await svc.store.write(lambda db: vms.create(
-        db.conn, signer, req, now, svc.profiles, _live(svc), svc.order_ttl_s, actor))
+        db, signer, req, now, svc.profiles, _live(svc), svc.order_ttl_s, actor))
     svc.orders_changed()
     return web.json_response(result, status=202)
 
@@ -470,7 +470,7 @@ def _vm_action(action: str) -> Handler:
         ref = request.match_info["id"]
         signer, now, actor = _signer(svc), time.time(), _actor(request)
         result = await svc.store.write(lambda db: vms.act(
-            db.conn, signer, vms.resolve(db.conn, ref), action, now, svc.order_ttl_s, actor))
+            db, signer, vms.resolve(db, ref), action, now, svc.order_ttl_s, actor))
         svc.orders_changed()
         return web.json_response(result, status=202)
 
@@ -501,7 +501,7 @@ async def migrate_vm(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_request", "to must be a node id")
     ctx, now, actor = _move_context(svc), time.time(), _actor(request)
     result = await svc.store.write(lambda db: moves.start(
-        db.conn, ctx, vms.resolve(db.conn, ref), to, settings, now, actor))
+        db, ctx, vms.resolve(db, ref), to, settings, now, actor))
     svc.orders_changed()
     return web.json_response(result, status=202)
 
@@ -539,7 +539,7 @@ async def drain_node(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_request", "parallel must be an integer")
     ctx, now, actor = _move_context(svc), time.time(), _actor(request)
     result = await svc.store.write(lambda db: moves.drain(
-        db.conn, ctx, node_id, settings, parallel, now, actor))
+        db, ctx, node_id, settings, parallel, now, actor))
     svc.orders_changed()
     return web.json_response(result, status=202)
 

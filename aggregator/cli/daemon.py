@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlite_utils
 from rich.console import Console
 from rich.table import Table
 
 from aggregator import service
 from aggregator.config import Layout
 from aggregator.fleet.broker import BrokerError
+from aggregator.store.tx import Tx
 from aggregator.store.writer import Store
 from aggregator.trust import nodes as trust
 from aggregator.trust.enrollment import (
@@ -37,7 +37,7 @@ T = TypeVar("T")
 DEFAULT_DATA_DIR = Path("/var/lib/virt8ra-aggregator")
 
 
-def _with_store(data_dir: Path, fn: Callable[[sqlite_utils.Database], T]) -> T:
+def _with_store(data_dir: Path, fn: Callable[[Tx], T]) -> T:
     layout = Layout(data_dir)
     if not layout.config.exists():
         raise ConfigError(layout.config, "", "not initialised: run `virt8ra-aggregator init`")
@@ -105,7 +105,7 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[s
 
 def _cmd_token_list(args: argparse.Namespace) -> int:
     now = time.time()
-    rows = _with_store(args.data_dir, lambda db: list_tokens(db.conn, now, args.state))
+    rows = _with_store(args.data_dir, lambda db: list_tokens(db, now, args.state))
     _table(args, rows, ["id", "state", "site", "country", "provider", "profile", "node_id",
                         "expires_at", "used_by"])
     return 0
@@ -128,7 +128,7 @@ def _cmd_apikey_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_apikey_list(args: argparse.Namespace) -> int:
-    rows = _with_store(args.data_dir, lambda db: trust.list_api_tokens(db.conn))
+    rows = _with_store(args.data_dir, lambda db: trust.list_api_tokens(db))
     _table(args, rows, ["id", "state", "role", "name", "created_at", "revoked_at"])
     return 0
 

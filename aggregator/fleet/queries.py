@@ -7,12 +7,12 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import sqlite3
 import time
 from typing import Any, Final
 
 from aggregator.api.metrics import LATENCY_BUCKETS_S, FleetFigures, Latency
 from aggregator.fleet import telemetry as fleet
+from aggregator.store.tx import Row, Tx
 from contract.profiles import Profile
 from contract.wire import HostSample, Telemetry, decode, to_plain
 
@@ -27,7 +27,7 @@ _NODE_COLUMNS = (
 )
 
 
-def token_identity(conn: sqlite3.Connection, token_hash: str) -> tuple[int, str, str] | None:
+def token_identity(conn: Tx, token_hash: str) -> tuple[int, str, str] | None:
     """``(id, name, role)`` of an unrevoked API token."""
     row = conn.execute(
         "SELECT id, name, role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
@@ -79,7 +79,7 @@ def _capacity(inventory: dict[str, Any] | None, profile: Profile | None) -> dict
     }
 
 
-def _node(row: sqlite3.Row, now: float, factor: float, min_timeout: float,
+def _node(row: Row, now: float, factor: float, min_timeout: float,
           profiles: dict[str, Profile]) -> dict[str, Any]:
     inventory = json.loads(row["inventory"]) if row["inventory"] else None
     profile = profiles.get(row["profile"])
@@ -106,13 +106,13 @@ def _node(row: sqlite3.Row, now: float, factor: float, min_timeout: float,
     }
 
 
-def list_nodes(conn: sqlite3.Connection, now: float, factor: float, min_timeout: float,
+def list_nodes(conn: Tx, now: float, factor: float, min_timeout: float,
                profiles: dict[str, Profile]) -> list[dict[str, Any]]:
     rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY id").fetchall()
     return [_node(r, now, factor, min_timeout, profiles) for r in rows]
 
 
-def status_counts(conn: sqlite3.Connection, now: float, factor: float,
+def status_counts(conn: Tx, now: float, factor: float,
                   min_timeout: float) -> dict[str, int]:
     counts = {"online": 0, "offline": 0, "revoked": 0}
     for reported, last_seen, interval, revoked_at in conn.execute(
@@ -124,7 +124,7 @@ def status_counts(conn: sqlite3.Connection, now: float, factor: float,
     return counts
 
 
-def fleet_figures(conn: sqlite3.Connection, now: float, factor: float,
+def fleet_figures(conn: Tx, now: float, factor: float,
                   min_timeout: float) -> FleetFigures:
     """What /metrics reads from the database: nodes, orders and moves by state, publishes
     and the order latency histogram (orders are never deleted: the counters only grow)."""
@@ -142,7 +142,7 @@ def fleet_figures(conn: sqlite3.Connection, now: float, factor: float,
         latency=Latency(tuple(int(n) for n in counts), int(count), float(total)))
 
 
-def _latest(conn: sqlite3.Connection, node_id: str) -> Telemetry | None:
+def _latest(conn: Tx, node_id: str) -> Telemetry | None:
     row = conn.execute(
         "SELECT payload FROM telemetry WHERE node_id = ? ORDER BY seq DESC LIMIT 1", (node_id,)
     ).fetchone()
@@ -152,7 +152,7 @@ def _latest(conn: sqlite3.Connection, node_id: str) -> Telemetry | None:
     return msg if isinstance(msg, Telemetry) else None
 
 
-def node_detail(conn: sqlite3.Connection, node_id: str, now: float, factor: float,
+def node_detail(conn: Tx, node_id: str, now: float, factor: float,
                 min_timeout: float, profiles: dict[str, Profile]) -> dict[str, Any] | None:
     row = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?", (node_id,)).fetchone()
     if row is None:
@@ -200,7 +200,7 @@ def node_detail(conn: sqlite3.Connection, node_id: str, now: float, factor: floa
     return node
 
 
-def telemetry(conn: sqlite3.Connection, node_id: str, since: float | None, until: float | None,
+def telemetry(conn: Tx, node_id: str, since: float | None, until: float | None,
               metrics: list[str], limit: int) -> dict[str, Any] | None:
     if conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is None:
         return None

@@ -26,6 +26,7 @@ import sqlite_utils
 
 from aggregator.fleet import telemetry as fleet
 from aggregator.store import schema as migrations
+from aggregator.store.tx import Tx
 from aggregator.workloads import orders
 from contract.wire import (
     LifecycleEvent,
@@ -79,10 +80,21 @@ class _Figures:
     gaps: int = 0
 
 
+def open_tx(path: Path) -> Tx:
+    """The database at ``path`` (made and migrated if new) as one autocommitting :class:`Tx`,
+    outside any :class:`Store`: for tools, benchmarks and tests that work on a file directly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_utils.Database(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    migrations.apply(db)
+    db.conn.isolation_level = None
+    return Tx(db.conn, writable=True)
+
+
 class _Call:
     __slots__ = ("fn", "future")
 
-    def __init__(self, fn: Callable[[sqlite_utils.Database], Any]) -> None:
+    def __init__(self, fn: Callable[[Tx], Any]) -> None:
         self.fn = fn
         self.future: Future[Any] = Future()
 
@@ -147,30 +159,30 @@ class Store:
     def backlog(self) -> int:
         return self._q.qsize()
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run ``fn(db)`` on the writer thread, inside a transaction, after queued ingest."""
+    async def write(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn(tx)`` on the writer thread, inside a transaction, after queued ingest."""
         call = _Call(fn)
         self._q.put(call)
         result: T = await asyncio.wrap_future(call.future)
         return result
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on a reader thread with its own connection."""
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn(tx)`` on a reader thread with its own read-only connection."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._read, fn)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is stored."""
-        await self.write(lambda db: None)
+        await self.write(lambda tx: None)
 
-    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _read(self, fn: Callable[[Tx], T]) -> T:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout=5000")
             self._local.conn = conn
-        return fn(conn)
+        return fn(Tx(conn, writable=False))
 
     # --- the writer thread ------------------------------------------------------------------
 
@@ -220,7 +232,7 @@ class Store:
             return
         try:
             with db.conn:
-                result = call.fn(db)
+                result = call.fn(Tx(db.conn, writable=True))
         except BaseException as exc:
             call.future.set_exception(exc)
         else:
@@ -403,7 +415,7 @@ class Store:
             ),
         )
         if st.state == "online" and not item.retained:
-            orders.node_online(conn, st.node, item.received_at)
+            orders.node_online(Tx(conn, writable=True), st.node, item.received_at)
 
     def _event(self, conn: sqlite3.Connection, item: EventIn) -> None:
         ev = item.event
@@ -412,7 +424,8 @@ class Store:
         if isinstance(ev, LifecycleEvent):
             vm_uuid, vm_name = ev.vm_uuid, ev.vm_name
             summary = f"{ev.vm_name}: {ev.event} ({ev.detail}), now {ev.state}"
-            orders.apply_lifecycle(conn, ev.node, ev.vm_uuid, ev.state, item.received_at)
+            orders.apply_lifecycle(Tx(conn, writable=True), ev.node, ev.vm_uuid, ev.state,
+                                   item.received_at)
         elif isinstance(ev, TelemetryGap):
             vm_uuid = vm_name = ""
             summary = f"{ev.channel} {ev.first_seq}..{ev.last_seq} dropped: {ev.reason}"
@@ -425,7 +438,7 @@ class Store:
         else:
             vm_uuid = vm_name = ""
             summary = f"order {ev.order_id}: {ev.state}" + (f" ({ev.error})" if ev.error else "")
-            orders.apply_report(conn, ev, item.received_at)
+            orders.apply_report(Tx(conn, writable=True), ev, item.received_at)
         cur = conn.execute(
             "INSERT OR IGNORE INTO events (node_id, seq, ts, received_at, type, vm_uuid, vm_name,"
             " summary, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -439,12 +452,12 @@ class Store:
     # --- retention (runs on the writer thread through write()) ------------------------------
 
     @staticmethod
-    def sweep(db: sqlite_utils.Database, now: float, raw_hours: float, bucket_s: int,
+    def sweep(db: Tx, now: float, raw_hours: float, bucket_s: int,
               rollup_days: float, chunk: int = 5000) -> tuple[int, int]:
         """Roll up to ``chunk`` raw samples older than ``raw_hours`` into buckets and delete
         them; drop roll-ups older than ``rollup_days``. Returns (rolled up, roll-ups dropped).
         One chunk per call, so ingest batches interleave with a long sweep."""
-        conn = db.conn
+        conn = db
         rows = conn.execute(
             "SELECT node_id, seq, payload FROM telemetry WHERE received_at < ? LIMIT ?",
             (now - raw_hours * 3600, chunk),

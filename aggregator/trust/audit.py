@@ -8,13 +8,12 @@ function that makes the change; a refusal is recorded by its caller in a write o
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
-import sqlite_utils
+from aggregator.store.tx import Tx
 
 
-def record(db: sqlite_utils.Database | sqlite3.Connection, now: float, actor: str,
+def record(db: Tx, now: float, actor: str,
            action: str, subject: str = "", outcome: str = "ok", **detail: Any) -> None:
     """Append one audit event. ``actor`` is who acted: ``token:<id>:<name>`` for an API token,
     ``node:<id>`` for a node, ``cli`` for the aggregator's own command line."""
@@ -24,7 +23,7 @@ def record(db: sqlite_utils.Database | sqlite3.Connection, now: float, actor: st
     )
 
 
-def events(conn: sqlite3.Connection, since: float | None, action: str, subject: str,
+def events(conn: Tx, since: float | None, action: str, subject: str,
                limit: int) -> list[dict[str, Any]]:
     """The most recent audit events first, filtered by time, action (prefix) and subject."""
     sql = "SELECT id, ts, actor, action, subject, outcome, detail FROM audit WHERE 1"

@@ -13,9 +13,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
 from aggregator.errors import Refused
+from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.trust.pki import CertificateAuthority, NodeAttributes, PkiError, csr_key_id
 from contract.profiles import HostFacts, Profile, profile_failures
@@ -53,7 +52,7 @@ class TokenScope:
 
 
 def create_token(
-    db: sqlite_utils.Database, scope: TokenScope, ttl_s: float, now: float, *,
+    db: Tx, scope: TokenScope, ttl_s: float, now: float, *,
     actor: str = "cli", node_id: str | None = None,
 ) -> dict[str, Any]:
     """A one-time token. ``node_id`` binds it to one node id: the only way to enroll a node
@@ -65,19 +64,11 @@ def create_token(
             raise EnrollmentError("invalid_node_id", exc.reason) from None
     token = "v8e_" + secrets.token_urlsafe(24)
     expires_at = now + ttl_s
-    token_id = db.table("enrollment_tokens").insert(
-        {
-            "token_hash": hash_secret(token),
-            "site": scope.site,
-            "country": scope.country,
-            "provider": scope.provider,
-            "profile": scope.profile,
-            "created_at": now,
-            "expires_at": expires_at,
-            "node_id": node_id,
-            "created_by": actor,
-        }
-    ).last_pk
+    token_id = db.execute(
+        "INSERT INTO enrollment_tokens (token_hash, site, country, provider, profile,"
+        " created_at, expires_at, node_id, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (hash_secret(token), scope.site, scope.country, scope.provider, scope.profile, now,
+         expires_at, node_id, actor)).lastrowid
     audit(db, now, actor, "enrollment_token.create", f"enrollment-token:{token_id}",
            site=scope.site, country=scope.country, provider=scope.provider,
            profile=scope.profile, node_id=node_id, expires_at=expires_at)
@@ -108,7 +99,7 @@ def list_tokens(conn: Any, now: float, state: str = "") -> list[dict[str, Any]]:
     return rows
 
 
-def withdraw_token(db: sqlite_utils.Database, token_id: int, now: float,
+def withdraw_token(db: Tx, token_id: int, now: float,
                    actor: str) -> dict[str, Any]:
     """Withdraw an unused token; withdrawing a withdrawn one changes nothing."""
     cur = db.execute(
@@ -166,7 +157,7 @@ class EnrollRequest:
 
 
 def enroll(
-    db: sqlite_utils.Database,
+    db: Tx,
     ca: CertificateAuthority,
     req: EnrollRequest,
     now: float,
@@ -259,7 +250,7 @@ def enroll(
     }
 
 
-def taken_names(db: sqlite_utils.Database, node_id: str) -> set[str]:
+def taken_names(db: Tx, node_id: str) -> set[str]:
     """The subjectAltNames other nodes' certificates carry (revoked nodes' too: theirs may
     still be in use until they expire)."""
     taken: set[str] = set()

@@ -8,12 +8,10 @@ audit event: an action without its audit row cannot happen.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
+from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.trust.enrollment import EnrollmentError, taken_names
 from aggregator.trust.pki import CertificateAuthority, NodeAttributes, PkiError, csr_key_id
@@ -30,7 +28,7 @@ class Renewed:
     reused: bool  # the same key was signed before: the stored certificate is sent again
 
 
-def renew(db: sqlite_utils.Database, ca: CertificateAuthority, node_id: str, csr_pem: str,
+def renew(db: Tx, ca: CertificateAuthority, node_id: str, csr_pem: str,
           now: float, cert_days: float) -> Renewed:
     """Sign a new certificate for an enrolled, unrevoked node, with the attributes its
     enrollment token gave it. A request repeated for the same key (the node retried, or the
@@ -75,7 +73,7 @@ def renew(db: sqlite_utils.Database, ca: CertificateAuthority, node_id: str, csr
 # --- revocation -----------------------------------------------------------------------------
 
 
-def revoke_node(db: sqlite_utils.Database, node_id: str, now: float, actor: str,
+def revoke_node(db: Tx, node_id: str, now: float, actor: str,
                 reason: str) -> list[str]:
     """Mark the node revoked and every certificate it holds; returns the serials revoked.
     Revoking a revoked node again changes nothing and is not an error."""
@@ -98,7 +96,7 @@ def revoke_node(db: sqlite_utils.Database, node_id: str, now: float, actor: str,
     return serials
 
 
-def crl_serials(conn: sqlite3.Connection, now: float) -> list[int]:
+def crl_serials(conn: Tx, now: float) -> list[int]:
     """Serials the CRL must list: revoked and not yet expired (an expired certificate is
     refused by the broker anyway, so the list stays short)."""
     return [
@@ -112,7 +110,7 @@ def crl_serials(conn: sqlite3.Connection, now: float) -> list[int]:
 # --- API tokens -----------------------------------------------------------------------------
 
 
-def list_api_tokens(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def list_api_tokens(conn: Tx) -> list[dict[str, Any]]:
     return [
         {"id": i, "name": name, "role": role, "created_at": created, "revoked_at": revoked,
          "state": "revoked" if revoked is not None else "active"}
@@ -122,7 +120,7 @@ def list_api_tokens(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     ]
 
 
-def revoke_api_token(db: sqlite_utils.Database, token_id: int, now: float,
+def revoke_api_token(db: Tx, token_id: int, now: float,
                      actor: str) -> dict[str, Any]:
     row = db.execute("SELECT role, revoked_at, name FROM api_tokens WHERE id = ?",
                      [token_id]).fetchone()
@@ -146,7 +144,7 @@ def revoke_api_token(db: sqlite_utils.Database, token_id: int, now: float,
             "revoked_at": revoked_at if revoked_at is not None else now, "state": "revoked"}
 
 
-def set_cordon(db: sqlite_utils.Database, node_id: str, cordoned: bool, now: float, actor: str,
+def set_cordon(db: Tx, node_id: str, cordoned: bool, now: float, actor: str,
                reason: str) -> dict[str, Any]:
     """Cordon (no new VMs are placed on the node; its VMs stay) or uncordon a node."""
     row = db.execute("SELECT cordoned FROM nodes WHERE id = ?", [node_id]).fetchone()

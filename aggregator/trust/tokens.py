@@ -5,15 +5,14 @@ from __future__ import annotations
 import secrets
 from typing import Final
 
-import sqlite_utils
-
+from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.trust.enrollment import hash_secret
 
 ROLES: Final = ("admin", "operator", "viewer", "technician")
 
 
-def create_api_token(db: sqlite_utils.Database, role: str, name: str, now: float, *,
+def create_api_token(db: Tx, role: str, name: str, now: float, *,
                      actor: str = "cli") -> tuple[int, str]:
     """A new token for ``role``: ``(id, token)``; the token itself is never stored."""
     if role not in ROLES:

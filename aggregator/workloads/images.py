@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import os
 import re
-import sqlite3
 import stat
 import struct
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aggregator.errors import Refused
+from aggregator.store.tx import Tx
 
 IMAGE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORMATS: Final = ("raw", "qcow2", "kernel", "initrd")
@@ -144,7 +144,7 @@ def _keep(tmp: Path, sha256: str, directory: Path) -> tuple[str, int, Path]:
     return sha256, size, final
 
 
-def register(conn: sqlite3.Connection, name: str, fmt: str, sha256: str, size: int,
+def register(conn: Tx, name: str, fmt: str, sha256: str, size: int,
              path: Path, now: float) -> dict[str, Any]:
     existing = conn.execute("SELECT sha256 FROM images WHERE name = ?", (name,)).fetchone()
     if existing is not None and existing[0] != sha256:
@@ -155,12 +155,12 @@ def register(conn: sqlite3.Connection, name: str, fmt: str, sha256: str, size: i
     return {"name": name, "format": fmt, "size": size, "sha256": sha256}
 
 
-def list_images(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def list_images(conn: Tx) -> list[dict[str, Any]]:
     return [{"name": n, "format": f, "size": s, "sha256": h, "created_at": c}
             for n, f, s, h, c in conn.execute(
                 "SELECT name, format, size, sha256, created_at FROM images ORDER BY name")]
 
 
-def path_of(conn: sqlite3.Connection, name: str) -> Path | None:
+def path_of(conn: Tx, name: str) -> Path | None:
     row = conn.execute("SELECT path FROM images WHERE name = ?", (name,)).fetchone()
     return None if row is None else Path(row[0])

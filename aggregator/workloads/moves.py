@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from typing import Any, Final
 
 from aggregator.errors import Refused
 from aggregator.fleet import telemetry as fleet
+from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.trust.pki import OrderSigner
 from aggregator.workloads import orders, residency, vms
@@ -111,7 +111,7 @@ class Context:
     ttl_s: float
 
 
-def _node_row(conn: sqlite3.Connection, node_id: str) -> dict[str, Any] | None:
+def _node_row(conn: Tx, node_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT id, country, provider, reported_status, last_seen, interval_s, revoked_at,"
         " cordoned, inventory FROM nodes WHERE id = ?", (node_id,)).fetchone()
@@ -150,7 +150,7 @@ def _other_arch(source: dict[str, Any], dest: dict[str, Any]) -> str:
     return ""
 
 
-def _choose_dest(conn: sqlite3.Connection, vm_id: str, source: dict[str, Any], to: str,
+def _choose_dest(conn: Tx, vm_id: str, source: dict[str, Any], to: str,
                  live_move: bool, now: float, ctx: Context) -> str:
     """The destination: ``to`` if it may and can take the VM, else the best node that can;
     Refused (409) with the reasons otherwise."""
@@ -199,7 +199,7 @@ def _choose_dest(conn: sqlite3.Connection, vm_id: str, source: dict[str, Any], t
                   + (f" ({why})" if why else ""), 409, detail=everyone.to_json())
 
 
-def start(conn: sqlite3.Connection, ctx: Context, vm_id: str, to: str,
+def start(conn: Tx, ctx: Context, vm_id: str, to: str,
           settings: MoveSettings, now: float, actor: str, drain_id: str | None = None
           ) -> dict[str, Any]:
     """Begin moving a VM: checks here, then the destination's ``receive`` order."""
@@ -264,13 +264,13 @@ def start(conn: sqlite3.Connection, ctx: Context, vm_id: str, to: str,
             "order": order_id}
 
 
-def _step(conn: sqlite3.Connection, move_id: str, state: str, order_id: str | None,
+def _step(conn: Tx, move_id: str, state: str, order_id: str | None,
           now: float) -> None:
     conn.execute("UPDATE moves SET state = ?, step_order = ?, updated_at = ? WHERE id = ?",
                  (state, order_id, now, move_id))
 
 
-def _finish(conn: sqlite3.Connection, move_id: str, vm_id: str, state: str, error: str,
+def _finish(conn: Tx, move_id: str, vm_id: str, state: str, error: str,
             now: float, result: dict[str, Any] | None = None) -> None:
     conn.execute("UPDATE moves SET state = ?, error = ?, finished_at = ?, updated_at = ?,"
                  " result = CASE WHEN ? IS NULL THEN result ELSE ? END WHERE id = ?",
@@ -281,7 +281,7 @@ def _finish(conn: sqlite3.Connection, move_id: str, vm_id: str, state: str, erro
 
 
 @contextlib.contextmanager
-def _each(conn: sqlite3.Connection, what: str) -> Iterator[None]:
+def _each(conn: Tx, what: str) -> Iterator[None]:
     """One row's work in a savepoint: a row that fails (our bug, or data we did not expect)
     is rolled back and logged, and the others go on."""
     conn.execute("SAVEPOINT one_row")
@@ -294,7 +294,7 @@ def _each(conn: sqlite3.Connection, what: str) -> Iterator[None]:
         conn.execute("RELEASE one_row")
 
 
-def advance(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
+def advance(conn: Tx, ctx: Context, now: float) -> int:
     """Take every open move whose current order has ended one step on. Returns how many.
 
     An outcome nobody reported is never taken for an answer: a migrate that failed or
@@ -311,7 +311,7 @@ def advance(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
     return len(rows)
 
 
-def _advance_one(conn: sqlite3.Connection, ctx: Context, now: float, move_id: str, vm_id: str,
+def _advance_one(conn: Tx, ctx: Context, now: float, move_id: str, vm_id: str,
                  source: str, dest: str, mode: str, state: str, settings: str, o_state: str,
                  o_result: str, o_error: str) -> None:
     result = json.loads(o_result)
@@ -369,7 +369,7 @@ def _advance_one(conn: sqlite3.Connection, ctx: Context, now: float, move_id: st
                     f" take it over: {why}", now, json.loads(kept))
 
 
-def _restart_step(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, lost: str,
+def _restart_step(conn: Tx, ctx: Context, move_id: str, vm_id: str, lost: str,
                   dest: str, state: str, o_state: str, result: dict[str, Any], why: str,
                   now: float) -> None:
     """A restart's create ended, or the question after it was answered. A create that
@@ -401,7 +401,7 @@ def _restart_step(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: s
                 " is kept", now)
 
 
-def _restarted(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str,
+def _restarted(conn: Tx, move_id: str, vm_id: str, lost: str,
                now: float) -> None:
     """It runs at the destination: the lost node's copy goes when that node returns."""
     conn.execute("INSERT INTO evictions (vm_id, node_id, created_at) VALUES (?, ?, ?) ON"
@@ -410,7 +410,7 @@ def _restarted(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str,
     _finish(conn, move_id, vm_id, "succeeded", "", now)
 
 
-def _back_on(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str, why: str,
+def _back_on(conn: Tx, move_id: str, vm_id: str, lost: str, why: str,
              now: float) -> None:
     """Nothing was made at the destination: the VM is still (paused) on the lost node, and
     is restarted from there again after ``RESTART_RETRY_S``."""
@@ -419,18 +419,18 @@ def _back_on(conn: sqlite3.Connection, move_id: str, vm_id: str, lost: str, why:
     _finish(conn, move_id, vm_id, "failed", f"{why}; the VM is still on {lost}", now)
 
 
-def _count(conn: sqlite3.Connection, move_id: str, action: str) -> int:
+def _count(conn: Tx, move_id: str, action: str) -> int:
     (n,) = conn.execute("SELECT count(*) FROM orders WHERE move_id = ? AND action = ?",
                         (move_id, action)).fetchone()
     return int(n)
 
 
-def _names(conn: sqlite3.Connection, node_id: str) -> list[str]:
+def _names(conn: Tx, node_id: str) -> list[str]:
     row = conn.execute("SELECT alt_names FROM nodes WHERE id = ?", (node_id,)).fetchone()
     return str(row[0]).split() if row is not None else []
 
 
-def _migrate(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, source: str,
+def _migrate(conn: Tx, ctx: Context, move_id: str, vm_id: str, source: str,
              dest: str, mode: str, settings: dict[str, Any], prepared: dict[str, Any],
              now: float) -> None:
     node = _node_row(conn, dest)
@@ -453,7 +453,7 @@ def _migrate(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, s
     _step(conn, move_id, "migrating", order_id, now)
 
 
-def _arrived(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, source: str,
+def _arrived(conn: Tx, ctx: Context, move_id: str, vm_id: str, source: str,
              dest: str, mode: str, result: dict[str, Any], now: float) -> None:
     """The VM has left the source: it is the destination's now, which takes it over."""
     conn.execute("UPDATE vms SET node_id = ?, actual_state = ?, updated_at = ? WHERE id = ?",
@@ -464,7 +464,7 @@ def _arrived(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, s
     _adopt(conn, ctx, move_id, vm_id, dest, mode, now)
 
 
-def _adopt(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, dest: str,
+def _adopt(conn: Tx, ctx: Context, move_id: str, vm_id: str, dest: str,
            mode: str, now: float) -> None:
     (desired,) = conn.execute("SELECT desired_state FROM vms WHERE id = ?", (vm_id,)).fetchone()
     order_id = orders.issue(conn, ctx.signer, dest, vm_id, "adopt", now, ctx.ttl_s,
@@ -473,7 +473,7 @@ def _adopt(conn: sqlite3.Connection, ctx: Context, move_id: str, vm_id: str, des
     _step(conn, move_id, "adopting", order_id, now)
 
 
-def _release(conn: sqlite3.Connection, ctx: Context, vm_id: str, dest: str, move_id: str,
+def _release(conn: Tx, ctx: Context, vm_id: str, dest: str, move_id: str,
              now: float) -> str:
     return orders.issue(conn, ctx.signer, dest, vm_id, "release", now, ctx.ttl_s,
                         params={"vm_uuid": vm_id}, move_id=move_id)
@@ -499,7 +499,7 @@ def _move(row: tuple[Any, ...]) -> dict[str, Any]:
             "progress": json.loads(progress) if progress and state == "migrating" else {}}
 
 
-def get(conn: sqlite3.Connection, move_id: str) -> dict[str, Any] | None:
+def get(conn: Tx, move_id: str) -> dict[str, Any] | None:
     row = conn.execute(f"SELECT {_MOVE_COLUMNS} FROM {_MOVE_FROM} WHERE m.id = ?",
                        (move_id,)).fetchone()
     if row is None:
@@ -513,7 +513,7 @@ def get(conn: sqlite3.Connection, move_id: str) -> dict[str, Any] | None:
     return out
 
 
-def list_moves(conn: sqlite3.Connection, vm_id: str, state: str, limit: int
+def list_moves(conn: Tx, vm_id: str, state: str, limit: int
                ) -> list[dict[str, Any]]:
     sql, args = f"SELECT {_MOVE_COLUMNS} FROM {_MOVE_FROM} WHERE 1", []
     if vm_id:
@@ -531,7 +531,7 @@ def list_moves(conn: sqlite3.Connection, vm_id: str, state: str, limit: int
 # --- drains ---------------------------------------------------------------------------------
 
 
-def drain(conn: sqlite3.Connection, ctx: Context, node_id: str, settings: MoveSettings,
+def drain(conn: Tx, ctx: Context, node_id: str, settings: MoveSettings,
           parallel: int, now: float, actor: str) -> dict[str, Any]:
     """Cordon the node and move every VM off it, ``parallel`` at a time (by :func:`drive`)."""
     if not 1 <= parallel <= DRAIN_PARALLEL_MAX:
@@ -556,7 +556,7 @@ def drain(conn: sqlite3.Connection, ctx: Context, node_id: str, settings: MoveSe
     return drain_json(conn, node_id) or {}
 
 
-def drive(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
+def drive(conn: Tx, ctx: Context, now: float) -> int:
     """Start the next moves of every running drain; end the drains with nothing left to try.
     Returns how many moves were started."""
     started = 0
@@ -569,7 +569,7 @@ def drive(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
     return started
 
 
-def _drive_one(conn: sqlite3.Connection, ctx: Context, now: float, drain_id: str,
+def _drive_one(conn: Tx, ctx: Context, now: float, drain_id: str,
                node_id: str, parallel: int, settings: MoveSettings, actor: str) -> int:
     def in_drain(condition: str) -> set[str]:
         return {vm for (vm,) in conn.execute(
@@ -611,7 +611,7 @@ def _drive_one(conn: sqlite3.Connection, ctx: Context, now: float, drain_id: str
     return started
 
 
-def drain_json(conn: sqlite3.Connection, node_id: str) -> dict[str, Any] | None:
+def drain_json(conn: Tx, node_id: str) -> dict[str, Any] | None:
     """The node's latest drain with each VM's account: moved, moving, failed (and why), or
     waiting for its turn."""
     row = conn.execute(
@@ -646,7 +646,7 @@ def drain_json(conn: sqlite3.Connection, node_id: str) -> dict[str, Any] | None:
 # --- node loss ------------------------------------------------------------------------------
 
 
-def restart_lost(conn: sqlite3.Connection, ctx: Context, now: float, grace_s: float,
+def restart_lost(conn: Tx, ctx: Context, now: float, grace_s: float,
                  watching_since: float | None) -> list[str]:
     """Create elsewhere the VMs that asked for it (``on_node_loss: restart``) whose node has
     been silent past its own lease plus ``grace_s``: by then the node has paused them itself
@@ -674,7 +674,7 @@ def restart_lost(conn: sqlite3.Connection, ctx: Context, now: float, grace_s: fl
     return done
 
 
-def _restart(conn: sqlite3.Connection, ctx: Context, now: float, vm_id: str, name: str,
+def _restart(conn: Tx, ctx: Context, now: float, vm_id: str, name: str,
              lost: str, last_seen: float, lease_s: float, reason: str) -> bool:
     node = _node_row(conn, lost)
     if node is None or _online(node, now, ctx.live):
@@ -710,7 +710,7 @@ def _restart(conn: sqlite3.Connection, ctx: Context, now: float, vm_id: str, nam
     return True
 
 
-def evict(conn: sqlite3.Connection, ctx: Context, now: float) -> int:
+def evict(conn: Tx, ctx: Context, now: float) -> int:
     """A lost node that is back removes the VMs restarted elsewhere meanwhile (it paused them
     and never resumes them). Its residency stay ends when its copy is gone."""
     for vm_id, node_id in conn.execute(

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
+from aggregator.store.tx import Tx
 from aggregator.trust.pki import OrderSigner
 from aggregator.workloads import residency
 from contract.wire import (
@@ -53,13 +53,13 @@ class Due:
     payload: bytes
 
 
-def _history(conn: sqlite3.Connection, order_id: str, now: float, state: str,
+def _history(conn: Tx, order_id: str, now: float, state: str,
              note: str = "") -> None:
     conn.execute("INSERT INTO order_history (order_id, ts, state, note) VALUES (?, ?, ?, ?)",
                  (order_id, now, state, note))
 
 
-def issue(conn: sqlite3.Connection, signer: OrderSigner, node_id: str, vm_id: str | None,
+def issue(conn: Tx, signer: OrderSigner, node_id: str, vm_id: str | None,
           action: str, now: float, ttl_s: float, *, vm: VmSpec | None = None,
           params: dict[str, Scalar] | None = None, move_id: str | None = None) -> str:
     """Number, sign and store an order; it is published by the dispatcher."""
@@ -83,7 +83,7 @@ def issue(conn: sqlite3.Connection, signer: OrderSigner, node_id: str, vm_id: st
     return order_id
 
 
-def due(conn: sqlite3.Connection, now: float, limit: int = 500) -> list[Due]:
+def due(conn: Tx, now: float, limit: int = 500) -> list[Due]:
     """Orders to publish now: unfinished, not expired, their node online; in sequence."""
     return [Due(*row) for row in conn.execute(
         "SELECT o.id, o.node_id, o.seq, o.payload FROM orders o JOIN nodes n ON n.id = o.node_id"
@@ -94,7 +94,7 @@ def due(conn: sqlite3.Connection, now: float, limit: int = 500) -> list[Due]:
     )]
 
 
-def mark_sent(conn: sqlite3.Connection, order_ids: list[str], now: float) -> None:
+def mark_sent(conn: Tx, order_ids: list[str], now: float) -> None:
     for order_id in order_ids:
         row = conn.execute("SELECT state, attempts FROM orders WHERE id = ?",
                            (order_id,)).fetchone()
@@ -119,14 +119,14 @@ def mark_sent(conn: sqlite3.Connection, order_ids: list[str], now: float) -> Non
         _history(conn, order_id, now, "sent", f"attempt {attempts}")
 
 
-def node_online(conn: sqlite3.Connection, node_id: str, now: float) -> None:
+def node_online(conn: Tx, node_id: str, now: float) -> None:
     """The node (re)connected: its unfinished orders go out again at once, in sequence (an
     accepted one too: its report may have been lost with the connection)."""
     conn.execute("UPDATE orders SET next_attempt_at = ? WHERE node_id = ? AND state IN"
                  " ('pending', 'sent', 'accepted')", (now, node_id))
 
 
-def expire(conn: sqlite3.Connection, now: float) -> int:
+def expire(conn: Tx, now: float) -> int:
     """End the open orders past their expiry; the VM's state says why."""
     rows = conn.execute(
         "SELECT id, vm_id, action, state FROM orders WHERE state IN ('pending', 'sent',"
@@ -142,7 +142,7 @@ def expire(conn: sqlite3.Connection, now: float) -> int:
     return len(rows)
 
 
-def supersede(conn: sqlite3.Connection, order_id: str, now: float, why: str) -> None:
+def supersede(conn: Tx, order_id: str, now: float, why: str) -> None:
     """End an open order unpublished: what it asked for no longer holds (it is not sent
     again; a node that still runs it reports in vain)."""
     note = f"superseded: {why}"
@@ -151,7 +151,7 @@ def supersede(conn: sqlite3.Connection, order_id: str, now: float, why: str) -> 
     _history(conn, order_id, now, "expired", note)
 
 
-def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
+def apply_report(conn: Tx, report: Report, now: float) -> None:
     """A node's account of one of its orders; stale or foreign reports change nothing."""
     row = conn.execute("SELECT state, vm_id, action, node_id FROM orders WHERE id = ?",
                        (report.order_id,)).fetchone()
@@ -182,7 +182,7 @@ def apply_report(conn: sqlite3.Connection, report: Report, now: float) -> None:
                         node=report.node)
 
 
-def _vm_order_ended(conn: sqlite3.Connection, vm_id: str, action: str, outcome: str,
+def _vm_order_ended(conn: Tx, vm_id: str, action: str, outcome: str,
                     result: dict[str, Any], error: str, now: float, node: str = "") -> None:
     vm = conn.execute("SELECT node_id, actual_state FROM vms WHERE id = ?", (vm_id,)).fetchone()
     if vm is None:
@@ -213,14 +213,14 @@ def _vm_order_ended(conn: sqlite3.Connection, vm_id: str, action: str, outcome: 
                      (reason, now, vm_id))
 
 
-def apply_lifecycle(conn: sqlite3.Connection, node_id: str, vm_uuid: str, state: str,
+def apply_lifecycle(conn: Tx, node_id: str, vm_uuid: str, state: str,
                     now: float) -> None:
     """libvirt said what a VM is now: its actual state, never guessed."""
     conn.execute("UPDATE vms SET actual_state = ?, updated_at = ? WHERE id = ? AND node_id = ?"
                  " AND deleted_at IS NULL", (state, now, vm_uuid, node_id))
 
 
-def order_json(conn: sqlite3.Connection, order_id: str) -> dict[str, Any] | None:
+def order_json(conn: Tx, order_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT id, node_id, seq, vm_id, action, state, created_at, updated_at, expires_at,"
         " attempts, result, error FROM orders WHERE id = ?", (order_id,),
@@ -243,7 +243,7 @@ def order_json(conn: sqlite3.Connection, order_id: str) -> dict[str, Any] | None
     return out
 
 
-def list_orders(conn: sqlite3.Connection, node: str, vm: str, state: str,
+def list_orders(conn: Tx, node: str, vm: str, state: str,
                 limit: int) -> list[dict[str, Any]]:
     sql = ("SELECT id, node_id, seq, vm_id, action, state, created_at, updated_at, expires_at,"
            " attempts, result, error FROM orders WHERE 1")

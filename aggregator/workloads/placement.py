@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -36,6 +35,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from aggregator.fleet import telemetry as fleet
+from aggregator.store.tx import Tx
 from contract.profiles import MAX_CPUS, MAX_DISK_GIB, MAX_MEMORY_MIB, PROFILE_NAME, Profile
 
 COUNTRY: Final = re.compile(r"[A-Z]{2}")  # ISO 3166 alpha-2, as enrollment tokens spell it
@@ -425,7 +425,7 @@ def _scope(policy: Policy, profiles: Mapping[str, Profile]) -> tuple[str, list[o
 
 
 def load_nodes(
-    conn: sqlite3.Connection, demand: Demand, *, now: float, profiles: Mapping[str, Profile],
+    conn: Tx, demand: Demand, *, now: float, profiles: Mapping[str, Profile],
     heartbeat_factor: float, min_timeout_s: float, push_down: bool = True,
 ) -> list[NodeView]:
     """The fleet as :class:`NodeView`s for placing ``demand``.
@@ -484,7 +484,7 @@ def load_nodes(
     return out
 
 
-def _group_nodes(conn: sqlite3.Connection, group: str) -> set[str]:
+def _group_nodes(conn: Tx, group: str) -> set[str]:
     """The nodes that hold a VM of anti-affinity ``group``, or are receiving one (a move)."""
     return {node for (node,) in conn.execute(
         "SELECT node_id FROM vms WHERE anti_affinity = ? AND deleted_at IS NULL AND node_id IS"
@@ -492,7 +492,7 @@ def _group_nodes(conn: sqlite3.Connection, group: str) -> set[str]:
         " v.anti_affinity = ? AND m.finished_at IS NULL AND m.dest != ''", (group, group))}
 
 
-def sync_reservations(conn: sqlite3.Connection, profiles: Mapping[str, Profile]) -> None:
+def sync_reservations(conn: Tx, profiles: Mapping[str, Profile]) -> None:
     """Write the profiles' host reservations where the headroom triggers read them (at the
     aggregator's start: profiles are files and may have changed)."""
     for name, p in profiles.items():
@@ -504,7 +504,7 @@ def sync_reservations(conn: sqlite3.Connection, profiles: Mapping[str, Profile])
 
 
 def shortlist(
-    conn: sqlite3.Connection, demand: Demand, *, now: float, profiles: Mapping[str, Profile],
+    conn: Tx, demand: Demand, *, now: float, profiles: Mapping[str, Profile],
     heartbeat_factor: float, min_timeout_s: float, cpu_overcommit: float = 4.0,
     limit: int = 32,
 ) -> list[NodeView]:

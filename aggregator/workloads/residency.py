@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from typing import Any
+
+from aggregator.store.tx import Tx
 
 GENESIS = "0" * 64
 
@@ -24,7 +25,7 @@ def _digest(vm_id: str, seq: int, event: str, node: str, provider: str, country:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def append(conn: sqlite3.Connection, vm_id: str, event: str, node_id: str, ts: float) -> None:
+def append(conn: Tx, vm_id: str, event: str, node_id: str, ts: float) -> None:
     node = conn.execute("SELECT provider, country, site FROM nodes WHERE id = ?",
                         (node_id,)).fetchone()
     provider, country, site = node if node is not None else ("", "", "")
@@ -41,14 +42,14 @@ def append(conn: sqlite3.Connection, vm_id: str, event: str, node_id: str, ts: f
                  (digest, seq, vm_id))
 
 
-def staying(conn: sqlite3.Connection, vm_id: str, node_id: str) -> bool:
+def staying(conn: Tx, vm_id: str, node_id: str) -> bool:
     """Whether the record has the VM at ``node_id`` now: arrived there, and not left since."""
     row = conn.execute("SELECT event FROM residency WHERE vm_id = ? AND node_id = ? ORDER BY"
                        " seq DESC LIMIT 1", (vm_id, node_id)).fetchone()
     return row is not None and row[0] == "arrived"
 
 
-def verify(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any]:
+def verify(conn: Tx, vm_id: str) -> dict[str, Any]:
     """``{"entries": [...], "chain_valid": bool, "broken_at": seq | None, "events": n}``.
     Entries are stays: node, provider, country, site, ``from`` and ``until`` (None: still
     there)."""
@@ -84,7 +85,7 @@ def verify(conn: sqlite3.Connection, vm_id: str) -> dict[str, Any]:
             "events": len(rows)}
 
 
-def verify_all(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def verify_all(conn: Tx) -> list[dict[str, Any]]:
     """Every VM's chain, also of VMs whose chain was removed whole; for
     ``virt8ra audit verify``."""
     out = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Final
 
 from aggregator.errors import Refused
 from aggregator.fleet import telemetry as fleet
+from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.trust.pki import OrderSigner
 from aggregator.workloads import orders
@@ -116,7 +116,7 @@ class VmRequest:
         }
 
 
-def dry_run(conn: sqlite3.Connection, req: VmRequest, now: float,
+def dry_run(conn: Tx, req: VmRequest, now: float,
             profiles: Mapping[str, Profile], live: Liveness) -> dict[str, Any]:
     demand = req.demand()
     nodes = load_nodes(conn, demand, now=now, profiles=profiles,  # every node, with reasons
@@ -129,7 +129,7 @@ _BOOT_FORMATS: Final = {"image": ("raw", "qcow2"), "kernel": ("kernel",),
                         "initrd": ("initrd",)}
 
 
-def _image(conn: sqlite3.Connection, name: str, role: str) -> str:
+def _image(conn: Tx, name: str, role: str) -> str:
     if not name:
         return ""
     row = conn.execute("SELECT sha256, format FROM images WHERE name = ?", (name,)).fetchone()
@@ -142,7 +142,7 @@ def _image(conn: sqlite3.Connection, name: str, role: str) -> str:
     return str(row[0])
 
 
-def create(conn: sqlite3.Connection, signer: OrderSigner, req: VmRequest, now: float,
+def create(conn: Tx, signer: OrderSigner, req: VmRequest, now: float,
            profiles: Mapping[str, Profile], live: Liveness, ttl_s: float,
            actor: str) -> dict[str, Any]:
     """Place the VM and order it created there; 409 with every node's reasons if it fits
@@ -181,7 +181,7 @@ def create(conn: sqlite3.Connection, signer: OrderSigner, req: VmRequest, now: f
     return {"id": vm_id, "node": node_id, "order": order_id}
 
 
-def act(conn: sqlite3.Connection, signer: OrderSigner, vm_id: str, action: str, now: float,
+def act(conn: Tx, signer: OrderSigner, vm_id: str, action: str, now: float,
         ttl_s: float, actor: str) -> dict[str, Any]:
     row = conn.execute("SELECT node_id, desired_state FROM vms WHERE id = ? AND deleted_at IS"
                        " NULL", (vm_id,)).fetchone()
@@ -242,7 +242,7 @@ def _vm(row: tuple[Any, ...], now: float, live: Liveness) -> dict[str, Any]:
             "updated_at": updated}
 
 
-def get(conn: sqlite3.Connection, vm_id: str, now: float, live: Liveness
+def get(conn: Tx, vm_id: str, now: float, live: Liveness
         ) -> dict[str, Any] | None:
     row = conn.execute(f"SELECT {_VM_COLUMNS} FROM {_VM_FROM} WHERE (v.id = ? OR v.name = ?)"
                        " AND v.deleted_at IS NULL ORDER BY v.created_at DESC LIMIT 1",
@@ -254,7 +254,7 @@ def get(conn: sqlite3.Connection, vm_id: str, now: float, live: Liveness
     return vm
 
 
-def list_vms(conn: sqlite3.Connection, node: str, now: float, live: Liveness
+def list_vms(conn: Tx, node: str, now: float, live: Liveness
              ) -> list[dict[str, Any]]:
     sql = f"SELECT {_VM_COLUMNS} FROM {_VM_FROM} WHERE v.deleted_at IS NULL"
     args: list[Any] = []
@@ -264,7 +264,7 @@ def list_vms(conn: sqlite3.Connection, node: str, now: float, live: Liveness
     return [_vm(r, now, live) for r in conn.execute(sql + " ORDER BY v.name", args)]
 
 
-def reconcile(conn: sqlite3.Connection, signer: OrderSigner, now: float, live: Liveness,
+def reconcile(conn: Tx, signer: OrderSigner, now: float, live: Liveness,
               ttl_s: float) -> list[str]:
     """Orders that bring what runs back to what is desired, for VMs with no open order or
     move on an online node: a VM that should run and does not (paused by its node, cut off
@@ -292,7 +292,7 @@ def reconcile(conn: sqlite3.Connection, signer: OrderSigner, now: float, live: L
     return issued
 
 
-def spec_of(conn: sqlite3.Connection, vm_id: str) -> VmSpec:
+def spec_of(conn: Tx, vm_id: str) -> VmSpec:
     """The VmSpec a VM was ordered with (for a move or a restart elsewhere)."""
     (plain,) = conn.execute("SELECT vm_spec FROM vms WHERE id = ?", (vm_id,)).fetchone()
     if plain is None:
@@ -304,12 +304,12 @@ def spec_of(conn: sqlite3.Connection, vm_id: str) -> VmSpec:
     return VmSpec(**fields)
 
 
-def request_of(conn: sqlite3.Connection, vm_id: str) -> VmRequest:
+def request_of(conn: Tx, vm_id: str) -> VmRequest:
     (spec,) = conn.execute("SELECT spec FROM vms WHERE id = ?", (vm_id,)).fetchone()
     return VmRequest.from_json(json.loads(spec))
 
 
-def resolve(conn: sqlite3.Connection, ref: str) -> str:
+def resolve(conn: Tx, ref: str) -> str:
     """A VM's id from its id or its name; 404 otherwise."""
     row = conn.execute("SELECT id FROM vms WHERE (id = ? OR name = ?) AND deleted_at IS NULL",
                        (ref, ref)).fetchone()

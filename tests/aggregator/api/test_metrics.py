@@ -79,7 +79,7 @@ async def test_order_figures_come_from_the_database(store: Store) -> None:
     now = time.time()
 
     def fill(db: object) -> None:
-        conn = db.conn  # type: ignore[attr-defined]
+        conn = db  # type: ignore[attr-defined]
         conn.execute("INSERT INTO nodes (id, site, country, provider, profile) VALUES"
                      " ('n1', 's', 'SI', 'p', 'tower-5g')")
         rows = [("o1", 1, "succeeded", 1, now - 10, 0.3), ("o2", 2, "failed", 3, now - 10, 7.0),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 
 from aggregator.fleet import queries
+from aggregator.store.tx import Tx
 from aggregator.store.writer import EventIn, MalformedIn, StatusIn, Store, TelemetryIn
 from contract.wire import HostSample, Inventory, Status, Telemetry, TelemetryGap, encode
 
@@ -32,7 +32,7 @@ def _telemetry(node: str, seq: int, ts: float = 1000.0, cpu: float = 10.0) -> Te
     return TelemetryIn(node, seq, ts, ts, encode(msg))
 
 
-def _gaps(conn: sqlite3.Connection, node: str) -> list[tuple[Any, ...]]:
+def _gaps(conn: Tx, node: str) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in conn.execute(
         "SELECT channel, first_seq, last_seq, reason FROM gaps WHERE node_id = ?"
         " ORDER BY channel, first_seq", (node,))]

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlite_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.store import schema as migrations
+from aggregator.store.tx import Tx
+from aggregator.store.writer import open_tx
 from aggregator.workloads.placement import (
     Decision,
     Demand,
@@ -401,9 +401,8 @@ def _inventory(cpus: object, memory_mib: int) -> str:
 
 
 @pytest.fixture
-def fleet_db(tmp_path: Path) -> sqlite_utils.Database:
-    db = sqlite_utils.Database(tmp_path / "fleet.sqlite")
-    migrations.apply(db)
+def fleet_db(tmp_path: Path) -> Tx:
+    db = open_tx(tmp_path / "fleet.sqlite")
     nodes = [
         # id, site, country, provider, profile, reported, last_seen, inventory, facts,
         # revoked_at, cordoned
@@ -421,7 +420,7 @@ def fleet_db(tmp_path: Path) -> sqlite_utils.Database:
         ("hr-odd", "zg-2", "HR", "telekom", "custom-box", "online", NOW - 1,
          _inventory(True, 4096), "not json", None, 0),
     ]
-    db.conn.executemany(
+    db.executemany(
         "INSERT INTO nodes (id, site, country, provider, profile, reported_status, last_seen,"
         " interval_s, inventory, facts, revoked_at, cordoned)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, 10, ?, ?, ?, ?)", nodes)
@@ -434,24 +433,23 @@ def fleet_db(tmp_path: Path) -> sqlite_utils.Database:
         ("v5", None, 1, 512, 1, None, None),                 # not placed yet
         ("v6", "at-rack", 4, 32768, 200, "dbs", None),
     ]
-    db.conn.executemany(
+    db.executemany(
         "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec, anti_affinity,"
         " desired_state, created_at, updated_at, deleted_at)"
         " VALUES (?, ?, ?, ?, ?, ?, '{}', ?, 'running', 0, 0, ?)",
         [(v[0], v[0], *v[1:]) for v in vms])
-    db.conn.commit()
     return db
 
 
-def _load(db: sqlite_utils.Database, profiles: dict[str, Profile], d: Demand,
+def _load(db: Tx, profiles: dict[str, Profile], d: Demand,
           **kwargs: Any) -> dict[str, NodeView]:
-    views = load_nodes(db.conn, d, now=NOW, profiles=profiles, heartbeat_factor=3.0,
+    views = load_nodes(db, d, now=NOW, profiles=profiles, heartbeat_factor=3.0,
                        min_timeout_s=5.0, **kwargs)
     return {v.id: v for v in views}
 
 
 def test_load_nodes_reads_status_capacity_and_commitments(
-        fleet_db: sqlite_utils.Database, profiles: dict[str, Profile]) -> None:
+        fleet_db: Tx, profiles: dict[str, Profile]) -> None:
     views = _load(fleet_db, profiles, demand(anti_affinity="cams"))
     assert sorted(views) == ["at-rack", "hr-new", "hr-odd", "hr-revoked", "si-edge",
                              "si-silent", "si-tower"]
@@ -480,7 +478,7 @@ def test_load_nodes_reads_status_capacity_and_commitments(
 
 
 def test_load_nodes_pushes_the_location_policy_into_sql(
-        fleet_db: sqlite_utils.Database, profiles: dict[str, Profile]) -> None:
+        fleet_db: Tx, profiles: dict[str, Profile]) -> None:
     in_si = demand(countries=("SI",))
     assert sorted(_load(fleet_db, profiles, in_si)) == ["si-edge", "si-silent", "si-tower"]
     assert len(_load(fleet_db, profiles, in_si, push_down=False)) == 7
@@ -501,7 +499,7 @@ def test_load_nodes_pushes_the_location_policy_into_sql(
 
 
 def test_a_decision_on_loaded_nodes_explains_every_node_fleet_wide(
-        fleet_db: sqlite_utils.Database, profiles: dict[str, Profile]) -> None:
+        fleet_db: Tx, profiles: dict[str, Profile]) -> None:
     d = demand(vcpus=2, memory_mib=2048, disk_gib=10, countries=("SI", "AT"))
     decision = place(d, _load(fleet_db, profiles, d, push_down=False).values())
     assert [c for c, _ in decision.candidates] == ["at-rack", "si-tower"]
@@ -532,23 +530,23 @@ def test_a_decision_on_loaded_nodes_explains_every_node_fleet_wide(
     demand(countries=("DE",)),
 ], ids=str)
 def test_the_create_shortlist_agrees_with_the_full_decision(
-        fleet_db: sqlite_utils.Database, profiles: dict[str, Profile], d: Demand) -> None:
+        fleet_db: Tx, profiles: dict[str, Profile], d: Demand) -> None:
     """The SQL fast path finds exactly the nodes the rules accept, with the same figures."""
-    sync_reservations(fleet_db.conn, profiles)
+    sync_reservations(fleet_db, profiles)
     full = place(d, _load(fleet_db, profiles, d, push_down=False).values())
-    short = shortlist(fleet_db.conn, d, now=NOW, profiles=profiles, heartbeat_factor=3.0,
+    short = shortlist(fleet_db, d, now=NOW, profiles=profiles, heartbeat_factor=3.0,
                       min_timeout_s=5.0, limit=100)
     assert sorted(n.id for n in short) == sorted(node for node, _ in full.candidates)
     assert place(d, short).candidates == full.candidates
     # A short list holds the emptiest nodes that fit: by headroom, as the triggers keep it.
     if len(full.candidates) > 1:
-        first = shortlist(fleet_db.conn, d, now=NOW, profiles=profiles, heartbeat_factor=3.0,
+        first = shortlist(fleet_db, d, now=NOW, profiles=profiles, heartbeat_factor=3.0,
                           min_timeout_s=5.0, limit=1)
         headroom = dict(fleet_db.execute("SELECT id, headroom FROM nodes").fetchall())
         assert headroom[first[0].id] == max(headroom[n.id] for n in short)
 
 
-def test_usage_follows_every_change_to_vms(fleet_db: sqlite_utils.Database) -> None:
+def test_usage_follows_every_change_to_vms(fleet_db: Tx) -> None:
     """node_usage (kept by triggers) equals the sum over vms after creates, moves, deletes."""
     db = fleet_db
 
