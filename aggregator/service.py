@@ -26,7 +26,7 @@ from aggregator.fleet import broker
 from aggregator.fleet.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
 from aggregator.fleet.ingest import Ingest, ReceiverSettings
 from aggregator.store.tx import Tx
-from aggregator.store.writer import Store
+from aggregator.store.writer import EventHandlers, Store
 from aggregator.trust import audit
 from aggregator.trust import nodes as trust
 from aggregator.trust.enrollment import EnrollmentError
@@ -119,6 +119,9 @@ class Aggregator:
         self.profiles = profiles if profiles is not None else load_profiles(default_profiles_dir())
         self.stop = asyncio.Event()
         self.store = Store(self.layout.database, batch_size=cfg.ingest.batch_size,
+                           handlers=EventHandlers(node_online=orders.node_online,
+                                                  lifecycle=orders.apply_lifecycle,
+                                                  report=orders.apply_report),
                            queue_max=cfg.ingest.queue_max)
         self.ca = CertificateAuthority(self.layout.pki)
         self.supervisor: broker.BrokerSupervisor | None = None

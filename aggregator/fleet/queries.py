@@ -10,8 +10,8 @@ import math
 import time
 from typing import Any, Final
 
-from aggregator.api.metrics import LATENCY_BUCKETS_S, FleetFigures, Latency
 from aggregator.fleet import telemetry as fleet
+from aggregator.fleet.figures import LATENCY_BUCKETS_S, FleetFigures, Latency
 from aggregator.store.tx import Row, Tx
 from contract.profiles import Profile
 from contract.wire import HostSample, Telemetry, decode, to_plain

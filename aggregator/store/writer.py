@@ -24,10 +24,9 @@ from typing import Any, NamedTuple, TypeVar
 
 import sqlite_utils
 
-from aggregator.fleet import telemetry as fleet
 from aggregator.store import schema as migrations
+from aggregator.store import sequences
 from aggregator.store.tx import Tx
-from aggregator.workloads import orders
 from contract.wire import (
     LifecycleEvent,
     ProtocolError,
@@ -80,6 +79,21 @@ class _Figures:
     gaps: int = 0
 
 
+def _ignore(*args: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class EventHandlers:
+    """What the fleet's state does when a node's messages arrive: called on the writer thread
+    inside the transaction that stores them (the service passes
+    :mod:`aggregator.workloads.orders`' functions; the store decides nothing itself)."""
+
+    node_online: Callable[[Tx, str, float], None] = _ignore  # (tx, node, when)
+    lifecycle: Callable[[Tx, str, str, str, float], None] = _ignore  # (tx, node, vm, state, when)
+    report: Callable[[Tx, Report, float], None] = _ignore  # (tx, report, when)
+
+
 def open_tx(path: Path) -> Tx:
     """The database at ``path`` (made and migrated if new) as one autocommitting :class:`Tx`,
     outside any :class:`Store`: for tools, benchmarks and tests that work on a file directly."""
@@ -105,8 +119,10 @@ _STOP = object()
 class Store:
     """Open with :meth:`start`; :meth:`stop` flushes and closes."""
 
-    def __init__(self, path: Path, *, batch_size: int = 2000, queue_max: int = 200_000) -> None:
+    def __init__(self, path: Path, *, batch_size: int = 2000, queue_max: int = 200_000,
+                 handlers: EventHandlers | None = None) -> None:
         self.path = path
+        self._handlers = handlers or EventHandlers()
         self._batch = batch_size
         self._queue_max = queue_max
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -337,7 +353,7 @@ class Store:
     ) -> bool:
         """Track ``seq``; record a gap it reveals or close one it fills. False for a duplicate."""
         self._ensure_node(conn, node)
-        step = fleet.next_seq(self._last[(node, channel)], seq)
+        step = sequences.next_seq(self._last[(node, channel)], seq)
         self._set_last((node, channel), step.last)
         if step.gap is not None:
             with self._shed_lock:
@@ -360,7 +376,8 @@ class Store:
             conn.executemany(
                 "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [(node, channel, a, b, now, reason) for a, b in fleet.split_gap(first, last, seq)],
+                [(node, channel, a, b, now, reason)
+                 for a, b in sequences.split_gap(first, last, seq)],
             )
         return True
 
@@ -378,7 +395,7 @@ class Store:
         keep: list[tuple[int, int]] = []
         if explained:
             table = "telemetry" if channel == "telemetry" else "events"
-            keep.extend(fleet.runs(s for (s,) in conn.execute(
+            keep.extend(sequences.runs(s for (s,) in conn.execute(
                 f"SELECT seq FROM {table} WHERE node_id = ? AND seq BETWEEN ? AND ?"
                 " ORDER BY seq",
                 (node, first, last),
@@ -390,14 +407,14 @@ class Store:
                     "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at,"
                     " reason) VALUES (?, ?, ?, ?, ?, ?)",
                     [(node, channel, x, y, now, why)
-                     for x, y in fleet.subtract(a, b, [(first, last)])],
+                     for x, y in sequences.subtract(a, b, [(first, last)])],
                 )
             else:
                 keep.append((a, b))
         conn.executemany(
             "INSERT INTO gaps (node_id, channel, first_seq, last_seq, detected_at, reason) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            [(node, channel, x, y, now, reason) for x, y in fleet.subtract(first, last, keep)],
+            [(node, channel, x, y, now, reason) for x, y in sequences.subtract(first, last, keep)],
         )
 
     def _status(self, conn: sqlite3.Connection, item: StatusIn) -> None:
@@ -415,7 +432,7 @@ class Store:
             ),
         )
         if st.state == "online" and not item.retained:
-            orders.node_online(Tx(conn, writable=True), st.node, item.received_at)
+            self._handlers.node_online(Tx(conn, writable=True), st.node, item.received_at)
 
     def _event(self, conn: sqlite3.Connection, item: EventIn) -> None:
         ev = item.event
@@ -424,7 +441,7 @@ class Store:
         if isinstance(ev, LifecycleEvent):
             vm_uuid, vm_name = ev.vm_uuid, ev.vm_name
             summary = f"{ev.vm_name}: {ev.event} ({ev.detail}), now {ev.state}"
-            orders.apply_lifecycle(Tx(conn, writable=True), ev.node, ev.vm_uuid, ev.state,
+            self._handlers.lifecycle(Tx(conn, writable=True), ev.node, ev.vm_uuid, ev.state,
                                    item.received_at)
         elif isinstance(ev, TelemetryGap):
             vm_uuid = vm_name = ""
@@ -438,7 +455,7 @@ class Store:
         else:
             vm_uuid = vm_name = ""
             summary = f"order {ev.order_id}: {ev.state}" + (f" ({ev.error})" if ev.error else "")
-            orders.apply_report(Tx(conn, writable=True), ev, item.received_at)
+            self._handlers.report(Tx(conn, writable=True), ev, item.received_at)
         cur = conn.execute(
             "INSERT OR IGNORE INTO events (node_id, seq, ts, received_at, type, vm_uuid, vm_name,"
             " summary, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -471,7 +488,7 @@ class Store:
                 continue
             if isinstance(msg, Telemetry):
                 samples.append((node_id, msg.ts, to_plain(msg.host)))
-        for r in fleet.rollup(samples, bucket_s):
+        for r in sequences.rollup(samples, bucket_s):
             conn.execute(
                 "INSERT INTO telemetry_rollup (node_id, bucket_start, metric, count, min, max,"
                 " sum) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, metric, bucket_start)"

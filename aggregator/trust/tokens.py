@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Final
 
+from aggregator.store import trust as repo
 from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.trust.enrollment import hash_secret
@@ -18,9 +19,6 @@ def create_api_token(db: Tx, role: str, name: str, now: float, *,
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     token = "v8a_" + secrets.token_urlsafe(32)
-    token_id = int(db.execute(
-        "INSERT INTO api_tokens (name, role, token_hash, created_at) VALUES (?, ?, ?, ?)",
-        [name, role, hash_secret(token), now],
-    ).lastrowid or 0)
+    token_id = repo.insert_api_token(db, name, role, hash_secret(token), now)
     audit(db, now, actor, "api_token.create", f"api-token:{token_id}", role=role, name=name)
     return token_id, token

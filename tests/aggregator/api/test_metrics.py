@@ -11,8 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator import config, service
-from aggregator.api.metrics import FIGURES, LATENCY_BUCKETS_S, FleetFigures, Latency, render_metrics
+from aggregator.api.metrics import FIGURES, render_metrics
 from aggregator.fleet import queries
+from aggregator.fleet.figures import LATENCY_BUCKETS_S, FleetFigures, Latency
 from aggregator.service import Aggregator
 from aggregator.store.writer import Store
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.fleet import telemetry as fleet
+from aggregator.store import sequences
 
 
 @pytest.mark.parametrize(
@@ -27,12 +28,12 @@ def test_node_status(reported: str, last_seen: float | None, interval: float, no
 
 
 def test_next_seq_in_order_gap_and_late() -> None:
-    assert fleet.next_seq(0, 1) == fleet.SeqStep(1, None, False)
-    assert fleet.next_seq(4, 5) == fleet.SeqStep(5, None, False)
-    assert fleet.next_seq(4, 9) == fleet.SeqStep(9, (5, 8), False)
-    assert fleet.next_seq(0, 3) == fleet.SeqStep(3, (1, 2), False)
-    assert fleet.next_seq(9, 6) == fleet.SeqStep(9, None, True)
-    assert fleet.next_seq(9, 9) == fleet.SeqStep(9, None, True)
+    assert sequences.next_seq(0, 1) == sequences.SeqStep(1, None, False)
+    assert sequences.next_seq(4, 5) == sequences.SeqStep(5, None, False)
+    assert sequences.next_seq(4, 9) == sequences.SeqStep(9, (5, 8), False)
+    assert sequences.next_seq(0, 3) == sequences.SeqStep(3, (1, 2), False)
+    assert sequences.next_seq(9, 6) == sequences.SeqStep(9, None, True)
+    assert sequences.next_seq(9, 9) == sequences.SeqStep(9, None, True)
 
 
 @given(st.lists(st.integers(min_value=1, max_value=200), max_size=100))
@@ -42,14 +43,14 @@ def test_gaps_plus_received_cover_every_number(seqs: list[int]) -> None:
     numbers are exactly 1..highest, with no overlap."""
     last, gaps, received = 0, [], set()
     for seq in seqs:
-        step = fleet.next_seq(last, seq)
+        step = sequences.next_seq(last, seq)
         last = step.last
         if step.gap:
             gaps.append(step.gap)
         if step.late and seq not in received:
             for i, (a, b) in enumerate(gaps):
                 if a <= seq <= b:
-                    gaps[i:i + 1] = fleet.split_gap(a, b, seq)
+                    gaps[i:i + 1] = sequences.split_gap(a, b, seq)
                     break
         received.add(seq)
     missing = [s for a, b in gaps for s in range(a, b + 1)]
@@ -59,10 +60,10 @@ def test_gaps_plus_received_cover_every_number(seqs: list[int]) -> None:
 
 
 def test_subtract() -> None:
-    assert fleet.subtract(1, 10, []) == [(1, 10)]
-    assert fleet.subtract(1, 10, [(3, 4)]) == [(1, 2), (5, 10)]
-    assert fleet.subtract(1, 10, [(0, 20)]) == []
-    assert fleet.subtract(5, 10, [(1, 6), (9, 12)]) == [(7, 8)]
+    assert sequences.subtract(1, 10, []) == [(1, 10)]
+    assert sequences.subtract(1, 10, [(3, 4)]) == [(1, 2), (5, 10)]
+    assert sequences.subtract(1, 10, [(0, 20)]) == []
+    assert sequences.subtract(5, 10, [(1, 6), (9, 12)]) == [(7, 8)]
 
 
 def test_rollup_buckets_and_statistics() -> None:
@@ -73,7 +74,7 @@ def test_rollup_buckets_and_statistics() -> None:
         ("n2", 1000.0, {"cpu_percent": 5.0, "mem_used_bytes": 7}),
         ("n2", 1000.0, {"cpu_percent": True}),  # not a number: ignored
     ]
-    rows = {(r.node_id, r.bucket_start, r.metric): r for r in fleet.rollup(samples, 300)}
+    rows = {(r.node_id, r.bucket_start, r.metric): r for r in sequences.rollup(samples, 300)}
     cpu = rows[("n1", 900.0, "cpu_percent")]
     assert (cpu.count, cpu.min, cpu.max, cpu.sum) == (2, 10.0, 30.0, 40.0)
     assert rows[("n1", 1200.0, "cpu_percent")].count == 1
