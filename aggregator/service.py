@@ -19,8 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from aggregator import config
+from aggregator.api.common import Services
 from aggregator.api.http import JsonErrorRunner, error, json_errors
-from aggregator.api.routes import Services, make_app
+from aggregator.api.routes import make_app
 from aggregator.config import AggregatorConfig, Layout
 from aggregator.fleet import broker
 from aggregator.fleet.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable

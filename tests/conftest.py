@@ -17,8 +17,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
+from aggregator.api.common import Services
 from aggregator.api.http import JsonErrorRunner
-from aggregator.api.routes import Services, make_app
+from aggregator.api.routes import make_app
 from aggregator.store.writer import Store
 from aggregator.trust import nodes as trust
 from aggregator.trust.enrollment import TokenScope, create_token
