@@ -26,8 +26,9 @@ from aggregator.config import AggregatorConfig, Layout
 from aggregator.fleet import broker
 from aggregator.fleet.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
 from aggregator.fleet.ingest import Ingest, ReceiverSettings
+from aggregator.store.ingest import EventHandlers
 from aggregator.store.tx import Tx
-from aggregator.store.writer import EventHandlers, Store
+from aggregator.store.writer import Store
 from aggregator.trust import audit
 from aggregator.trust import nodes as trust
 from aggregator.trust.enrollment import EnrollmentError

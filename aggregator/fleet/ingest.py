@@ -30,7 +30,8 @@ import msgpack
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
-from aggregator.store.writer import EventIn, MalformedIn, StatusIn, Store, TelemetryIn
+from aggregator.store.ingest import EventIn, MalformedIn, StatusIn, TelemetryIn
+from aggregator.store.writer import Store
 from contract.wire import (
     CHANNEL_OF,
     LifecycleEvent,

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from aggregator.fleet import queries
+from aggregator.store.ingest import EventIn, MalformedIn, StatusIn, TelemetryIn
 from aggregator.store.tx import Tx
-from aggregator.store.writer import EventIn, MalformedIn, StatusIn, Store, TelemetryIn
+from aggregator.store.writer import Store
 from contract.wire import HostSample, Inventory, Status, Telemetry, TelemetryGap, encode
 
 
