@@ -631,7 +631,8 @@ def parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("verify", nargs="?", default="", help="`verify`: check residency chains")
     sp.set_defaults(func=_cmd_audit)
-
+    if extend is not None:
+        extend(sub)
     return p
 
 

@@ -42,8 +42,8 @@ async def test_lifecycle_events_reach_the_api(fleet: Fleet) -> None:
         await asyncio.to_thread(wait_for, lambda: fleet.node("it-edge-07")["vms"],
                                 what="guest figures")
         guest = fleet.node("it-edge-07")["vms"][0]
-        assert agent.host.hypervisor is not None
-        await agent.host.hypervisor.change_state(guest["uuid"], "suspend")
+        assert agent.hypervisor is not None
+        await agent.hypervisor.change_state(guest["uuid"], "suspend")
 
         def suspended() -> bool:
             return any(e["type"] == "lifecycle" and e["vm_uuid"] == guest["uuid"]
@@ -116,13 +116,13 @@ async def test_every_outage_fences_even_after_a_session_too_short_to_see(
                                "backoff_max_s": 0.2}, orders={"lease_s": 1.0})
     agent = Agent(config.load(path))
     fences: list[float] = []
-    fence = agent.orders.runner.fence
+    fence = agent.orders.fence
 
     async def counted() -> tuple[int, int]:
         fences.append(time.monotonic())
         return await fence()
 
-    agent.orders.runner.fence = counted  # type: ignore[method-assign]
+    agent.orders.fence = counted  # type: ignore[method-assign]
     task = asyncio.create_task(agent.run(), name="agent under test")
     try:
         await asyncio.to_thread(wait_for, lambda: agent.uplink.connects == 1,
