@@ -260,17 +260,23 @@ def _alt_name(address: str) -> x509.GeneralName:
         return x509.DNSName(address.lower())  # names are signed in lower case
 
 
+@dataclass(frozen=True)
+class Granted:
+    """The aggregator's answer to the enroll request, read and checked against this node's key
+    and the pinned CA."""
+
+    certificate: x509.Certificate
+    ca: x509.Certificate
+    broker_host: Any  # as the aggregator sent it
+    broker_port: int
+    attributes: dict[str, str]  # profile, country, provider, site
+    signing_key: bytes  # the order-signing public key, PEM
+    images_url: str
+
+
 def enroll(opts: EnrollOptions) -> Path:
     """Enroll this node; returns the path of the agent config written."""
-    try:
-        validate_node_id(opts.node_id)
-    except ProtocolError as exc:
-        raise EnrollError(f"--node-id: {exc.reason}") from None
-    config_path = opts.config_dir / "agent.toml"
-    if config_path.exists() and not opts.force:
-        raise EnrollError(
-            f"this node is already enrolled ({config_path} exists); pass --force to re-enroll"
-        )
+    config_path = _config_path(opts)
     profile = _profile(opts, opts.profile or opts.simulate_profile, "--profile")
     simulated = None
     if opts.simulate_profile:
@@ -288,91 +294,148 @@ def enroll(opts: EnrollOptions) -> Path:
             check_uri = simhost.write_host(simulated, opts.node_id, staging / host_file.name)
         facts = local_check(profile, hostcheck.Target(check_uri, simulation=simulated))
         inventory = asyncio.run(_inventory(check_uri, profile.name))
-
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = x509.CertificateSigningRequestBuilder().subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, opts.node_id)]))
-        if opts.migration_address:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [_alt_name(opts.migration_address)]), critical=False)
-        csr = builder.sign(key, hashes.SHA256())
-        base_url = opts.aggregator.rstrip("/")
-        pinned = pinned_ca(base_url, opts.ca_fingerprint)
-        tls = None
-        if base_url.startswith("https:"):  # from here on, trust only the pinned CA
-            tls = ssl.create_default_context(
-                cadata=pinned.public_bytes(serialization.Encoding.PEM).decode()
-            )
-        answer = _call(
-            base_url + "/api/v1/enroll",
-            {
-                "token": opts.token,
-                "node_id": opts.node_id,
-                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
-                "inventory": inventory,
-                "facts": facts.to_plain(),
-            },
-            tls,
-        )
-        try:
-            cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
-            ca = x509.load_pem_x509_certificate(answer["ca"].encode())
-            broker_host, broker_port = answer["broker"]["host"], int(answer["broker"]["port"])
-            attributes = {"profile": str(answer["attributes"]["profile"]),
-                          **{k: str(answer["attributes"].get(k, ""))
-                             for k in ("country", "provider", "site")}}
-            signing_key = _signing_key(answer["order_signing_key"])
-            images_url = str(answer.get("images_url", ""))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EnrollError(f"the aggregator's answer is incomplete ({exc}); "
-                              "is the URL a virt8ra aggregator?") from None
-        if ca != pinned:
-            raise EnrollError("the aggregator answered with another CA than the pinned one")
-        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-            raise EnrollError("the certificate returned is not for this node's key")
-        (staging / "node.key").write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
-        )
-        os.chmod(staging / "node.key", 0o600)
-        (staging / "node.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (staging / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        (staging / "order-signing.pub").write_bytes(signing_key)
-        os.chmod(staging / "order-signing.pub", 0o644)
+        granted = _request_identity(opts, key, inventory, facts)
+        _write_identity(staging, key, granted)
         (staging / "agent.toml").write_text(
             "# Written by virt8ra-agent enroll; see packaging/agent.toml for every key.\n"
-            + configfile.dump_toml({
-                "node": {"id": opts.node_id, **attributes},
-                "broker": {"host": broker_host, "port": broker_port,
-                           "ca_file": opts.config_dir / "ca.crt",
-                           "cert_file": opts.config_dir / "node.crt",
-                           "key_file": opts.config_dir / "node.key"},
-                "libvirt": {"uri": uri, "domain_type": opts.domain_type,
-                            "migration_address": opts.migration_address,
-                            "migration_transport": opts.migration_transport,
-                            "tls_dir": opts.tls_dir, "admin_uri": opts.admin_uri},
-                "telemetry": {"interval_s": opts.interval_s,
-                              "spool_path": opts.state_dir / "spool.sqlite"},
-                "orders": {"signing_key_file": opts.config_dir / "order-signing.pub",
-                           "journal_path": opts.state_dir / "orders.sqlite",
-                           "images_dir": opts.state_dir / "images",
-                           "disks_dir": opts.state_dir / "disks",
-                           "images_url": images_url},
-            })
+            + configfile.dump_toml(agent_config(opts, uri, granted))
         )
-        if opts.group:
-            _hand_to_group(staging, opts.group)
-        for stale in ("node.key.next", "node.crt.next"):  # a renewal of the old identity
-            (opts.config_dir / stale).unlink(missing_ok=True)
-        for item in sorted(staging.iterdir(), key=lambda p: p.name == "agent.toml"):
-            os.replace(item, opts.config_dir / item.name)  # the config last: it marks success
-        if opts.group:  # the service renews node.crt and node.key here itself
-            os.chown(opts.config_dir, -1, grp.getgrnam(opts.group).gr_gid)
-            os.chmod(opts.config_dir, 0o770)  # noqa: S103 - root and the service group only
+        _install(opts, staging)
         done = True
         return config_path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not done:
             shutil.rmtree(opts.config_dir, ignore_errors=True)
+
+
+def _config_path(opts: EnrollOptions) -> Path:
+    """Where the agent's config goes; refused for a bad node id, or a node already enrolled
+    (unless ``force``)."""
+    try:
+        validate_node_id(opts.node_id)
+    except ProtocolError as exc:
+        raise EnrollError(f"--node-id: {exc.reason}") from None
+    config_path = opts.config_dir / "agent.toml"
+    if config_path.exists() and not opts.force:
+        raise EnrollError(
+            f"this node is already enrolled ({config_path} exists); pass --force to re-enroll"
+        )
+    return config_path
+
+
+def certificate_request(node_id: str, migration_address: str,
+                        key: ec.EllipticCurvePrivateKey) -> x509.CertificateSigningRequest:
+    """The request for this node's certificate: its id as the common name, its migration
+    address (if any) as a subjectAltName."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+    if migration_address:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [_alt_name(migration_address)]), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _request_identity(opts: EnrollOptions, key: ec.EllipticCurvePrivateKey,
+                      inventory: dict[str, Any], facts: HostFacts) -> Granted:
+    """Steps 2 to 5: the pinned CA (and the clock), then the token and the CSR sent, and the
+    answer read and checked."""
+    csr = certificate_request(opts.node_id, opts.migration_address, key)
+    base_url = opts.aggregator.rstrip("/")
+    pinned = pinned_ca(base_url, opts.ca_fingerprint)
+    tls = None
+    if base_url.startswith("https:"):  # from here on, trust only the pinned CA
+        tls = ssl.create_default_context(
+            cadata=pinned.public_bytes(serialization.Encoding.PEM).decode()
+        )
+    answer = _call(
+        base_url + "/api/v1/enroll",
+        {
+            "token": opts.token,
+            "node_id": opts.node_id,
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "inventory": inventory,
+            "facts": facts.to_plain(),
+        },
+        tls,
+    )
+    return read_answer(answer, pinned, key)
+
+
+def read_answer(answer: dict[str, Any], pinned: x509.Certificate,
+                key: ec.EllipticCurvePrivateKey) -> Granted:
+    """The enroll answer read; refused if incomplete, with another CA than the pinned one, or
+    with a certificate for another key."""
+    try:
+        granted = Granted(
+            certificate=x509.load_pem_x509_certificate(answer["certificate"].encode()),
+            ca=x509.load_pem_x509_certificate(answer["ca"].encode()),
+            broker_host=answer["broker"]["host"],
+            broker_port=int(answer["broker"]["port"]),
+            attributes={"profile": str(answer["attributes"]["profile"]),
+                        **{k: str(answer["attributes"].get(k, ""))
+                           for k in ("country", "provider", "site")}},
+            signing_key=_signing_key(answer["order_signing_key"]),
+            images_url=str(answer.get("images_url", "")),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise EnrollError(f"the aggregator's answer is incomplete ({exc}); "
+                          "is the URL a virt8ra aggregator?") from None
+    if granted.ca != pinned:
+        raise EnrollError("the aggregator answered with another CA than the pinned one")
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if (granted.certificate.public_key().public_bytes(*spki)
+            != key.public_key().public_bytes(*spki)):
+        raise EnrollError("the certificate returned is not for this node's key")
+    return granted
+
+
+def _write_identity(staging: Path, key: ec.EllipticCurvePrivateKey, granted: Granted) -> None:
+    """The key (0600), the certificate, the CA and the order-signing key, into ``staging``."""
+    (staging / "node.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    )
+    os.chmod(staging / "node.key", 0o600)
+    (staging / "node.crt").write_bytes(granted.certificate.public_bytes(serialization.Encoding.PEM))
+    (staging / "ca.crt").write_bytes(granted.ca.public_bytes(serialization.Encoding.PEM))
+    (staging / "order-signing.pub").write_bytes(granted.signing_key)
+    os.chmod(staging / "order-signing.pub", 0o644)
+
+
+def agent_config(opts: EnrollOptions, uri: str, granted: Granted) -> dict[str, dict[str, Any]]:
+    """The agent's config (``agent.toml``) for the identity granted, its files where
+    :func:`_install` puts them."""
+    return {
+        "node": {"id": opts.node_id, **granted.attributes},
+        "broker": {"host": granted.broker_host, "port": granted.broker_port,
+                   "ca_file": opts.config_dir / "ca.crt",
+                   "cert_file": opts.config_dir / "node.crt",
+                   "key_file": opts.config_dir / "node.key"},
+        "libvirt": {"uri": uri, "domain_type": opts.domain_type,
+                    "migration_address": opts.migration_address,
+                    "migration_transport": opts.migration_transport,
+                    "tls_dir": opts.tls_dir, "admin_uri": opts.admin_uri},
+        "telemetry": {"interval_s": opts.interval_s,
+                      "spool_path": opts.state_dir / "spool.sqlite"},
+        "orders": {"signing_key_file": opts.config_dir / "order-signing.pub",
+                   "journal_path": opts.state_dir / "orders.sqlite",
+                   "images_dir": opts.state_dir / "images",
+                   "disks_dir": opts.state_dir / "disks",
+                   "images_url": granted.images_url},
+    }
+
+
+def _install(opts: EnrollOptions, staging: Path) -> None:
+    """Move the staged files into the config directory, the config last (it marks success);
+    with ``group``, the service's group may read them and renew the certificate there."""
+    if opts.group:
+        _hand_to_group(staging, opts.group)
+    for stale in ("node.key.next", "node.crt.next"):  # a renewal of the old identity
+        (opts.config_dir / stale).unlink(missing_ok=True)
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == "agent.toml"):
+        os.replace(item, opts.config_dir / item.name)  # the config last: it marks success
+    if opts.group:  # the service renews node.crt and node.key here itself
+        os.chown(opts.config_dir, -1, grp.getgrnam(opts.group).gr_gid)
+        os.chmod(opts.config_dir, 0o770)  # noqa: S103 - root and the service group only
