@@ -22,7 +22,14 @@ from agent.host.sampler import HostSampler
 from agent.identity import libvirttls
 from agent.identity.certificates import Identity, IdentityError, IdentityExpired
 from agent.orders.journal import Journal
-from agent.orders.runner import Migration, NodeLimits, OrderRunner, Storage, load_verify_key
+from agent.orders.runner import (
+    Migration,
+    NodeLimits,
+    OrderRunner,
+    Settings,
+    Storage,
+    load_verify_key,
+)
 from agent.spool import Dropped, Spool
 from agent.uplink import Uplink, UplinkSettings
 from contract.profiles import Reservations, default_profiles_dir, load_profile
@@ -86,15 +93,21 @@ class Agent:
         o = config.orders
         self.journal = Journal(o.journal_path)
         self.orders = OrderRunner(
-            config.node.id, load_verify_key(o.signing_key_file), self.journal,
-            lambda: self.hypervisor,
-            NodeLimits(config.node.country, config.node.provider, _reservations(config)),
-            Storage(o.images_dir, o.disks_dir, o.images_url, o.shutdown_timeout_s,
-                    config.libvirt.domain_type),
-            self._tls,
-            lambda make: self._append("events", make),
-            Migration(config.libvirt.migration_address, config.libvirt.migration_transport),
-            o.lease_s,
+            settings=Settings(
+                node=config.node.id,
+                limits=NodeLimits(config.node.country, config.node.provider,
+                                  _reservations(config)),
+                storage=Storage(o.images_dir, o.disks_dir, o.images_url, o.shutdown_timeout_s,
+                                config.libvirt.domain_type),
+                migration=Migration(config.libvirt.migration_address,
+                                    config.libvirt.migration_transport),
+                lease_s=o.lease_s,
+            ),
+            key=load_verify_key(o.signing_key_file),
+            journal=self.journal,
+            hypervisor=lambda: self.hypervisor,
+            tls=self._tls,
+            report=lambda make: self._append("events", make),
         )
 
     def inventory(self) -> Inventory:

@@ -1,152 +1,81 @@
-"""Executing signed orders: verify, journal, acknowledge, run, report.
+"""Executing signed orders, in turn: verify, journal, acknowledge, run, report.
 
-An order is run only if the aggregator's Ed25519 key signed exactly the envelope received,
-it is for this node, it has not expired and its number is above every number accepted
-before (a replay is refused). It is journaled before the node says ``accepted``; a duplicate
-of an order already run is answered with the recorded result and never run twice; an order
-the agent was killed in the middle of is finished at the next start (each action is
-idempotent: a VM that exists is not defined again, one that is gone is not an error to
-delete). The node refuses what breaks its own limits or the VM's residency policy, whatever
-the aggregator asked. Reports go through the events spool, so they survive uplink loss.
+An order is run only if it passes ``signatures.py`` (signed by the aggregator's key, for this
+node, not expired), its action and parameters are known (``handlers.py``,
+``contract/orders.py``) and its number is above every number accepted before (a replay is
+refused). It is journaled before the node says ``accepted``; a duplicate of an order already
+run is answered with the recorded result and never run twice; an order the agent was killed in
+the middle of is finished at the next start (each handler is idempotent), as ``recovery.py``
+decides. The node refuses what breaks its own limits or the VM's residency policy, whatever the
+aggregator asked. Reports go through the events spool (``reports.py``), so they survive uplink
+loss.
 
-PyNaCl (libsodium) verifies signatures: a fraction of cryptography's memory in the daemon.
+Orders run one after the other, except a migration: it runs beside the orders after it, and an
+order about the same VM waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import math
-import shutil
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-import nacl.exceptions
-import nacl.signing
-
 from agent.host import images
-from agent.host.compat import HostOffers, guest_needs, misfits
-from agent.host.domainxml import DomainSpecError, domain_xml, retarget
-from agent.host.hypervisor import Hypervisor, HypervisorError, MigrationProgress, MigrationResult
-from agent.identity import libvirttls
-from agent.orders.journal import Desired, Journal
-from contract.profiles import Reservations
-from contract.wire import (
-    ORDER_ACTIONS,
-    Order,
-    ProtocolError,
-    Report,
-    VmSpec,
-    decode,
-    encode,
-    raw_envelope,
-    signed_bytes,
-    to_plain,
-)
+from agent.host.domainxml import DomainSpecError
+from agent.host.hypervisor import Hypervisor, HypervisorError
+from agent.orders import fencing, lifecycle, migrate, recovery, upkeep
+from agent.orders.context import Context, Job
+from agent.orders.errors import OrderKeyError, Refused
+from agent.orders.handlers import handler_of, job_of
+from agent.orders.journal import Journal
+from agent.orders.reports import Reports
+from agent.orders.settings import Migration, NodeLimits, Settings, Storage
+from agent.orders.signatures import VerifyKey, check_order, load_verify_key
+from contract.wire import Order, ProtocolError, decode
+
+__all__ = [
+    "Migration",
+    "NodeLimits",
+    "OrderKeyError",
+    "OrderRunner",
+    "Refused",
+    "Settings",
+    "Storage",
+    "load_verify_key",
+]
 
 log = logging.getLogger("virt8ra.agent.orders")
 
-# DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): the raw key's 32 bytes follow.
-_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
-
-
-class OrderKeyError(Exception):
-    """The order-signing key file is missing or not an Ed25519 public key."""
-
-
-class Refused(Exception):
-    """The node will not run this order; the message says why."""
-
-
-def load_verify_key(path: Path) -> nacl.signing.VerifyKey:
-    """The aggregator's order-signing key from its PEM file (written at enrollment)."""
-    try:
-        lines = path.read_text().strip().splitlines()
-    except OSError as exc:
-        raise OrderKeyError(f"{path}: {exc.strerror}; enroll again to get it") from None
-    if len(lines) < 3 or lines[0] != "-----BEGIN PUBLIC KEY-----" \
-            or lines[-1] != "-----END PUBLIC KEY-----":
-        raise OrderKeyError(f"{path}: not a PEM public key")
-    try:
-        der = base64.b64decode("".join(lines[1:-1]), validate=True)
-    except ValueError:
-        raise OrderKeyError(f"{path}: not a PEM public key") from None
-    if len(der) != 44 or not der.startswith(_ED25519_SPKI):
-        raise OrderKeyError(f"{path}: not an Ed25519 public key")
-    return nacl.signing.VerifyKey(der[len(_ED25519_SPKI):])
-
-
-@dataclass(frozen=True)
-class NodeLimits:
-    """What the node offers guests and where it is, for its own checks."""
-
-    country: str
-    provider: str
-    reserved: Reservations
-    cpu_overcommit: float = 4.0
-
-
-@dataclass(frozen=True)
-class Migration:
-    """How this node takes part in live migration (``[libvirt]`` in agent.toml)."""
-
-    address: str = ""  # where other nodes' libvirtd reach this one's; "": none comes in
-    transport: str = "tls"  # or "tcp" (a closed lab network only)
-
-    def uri(self, peer: str) -> str:
-        """The libvirt URI this node's libvirtd uses to reach ``peer``'s (peer to peer); over
-        TLS it reads its client certificate from libvirt's default paths (the daemon writes
-        them there: ``[libvirt] tls_dir``)."""
-        try:
-            return libvirttls.migration_uri(peer, transport=self.transport)
-        except libvirttls.LibvirtTlsError as exc:
-            raise Refused(f"the destination's migration address: {exc}") from None
-
-
-PROGRESS_EVERY_S: Final = 1.0  # a running migration reports its figures this often
-# A migration is aborted this long before its order expires (so the aggregator never acts on
-# an expired migrate while it still runs), and not begun with less than MIGRATION_MIN_S left.
-ORDER_END_MARGIN_S: Final = 30.0
-MIGRATION_MIN_S: Final = 10.0
-
-
-@dataclass(frozen=True)
-class Storage:
-    images_dir: Path
-    disks_dir: Path
-    images_url: str
-    shutdown_timeout_s: float
-    domain_type: str = "auto"  # or kvm, qemu: overrides what the capabilities offer
+QUEUE_MAX: Final = 1000  # orders waiting their turn; more are dropped (sent again)
 
 
 class OrderRunner:
-    def __init__(self, node: str, key: nacl.signing.VerifyKey, journal: Journal,
-                 hypervisor: Callable[[], Hypervisor | None], limits: NodeLimits,
-                 storage: Storage, tls: Callable[[], Any],
-                 report: Callable[[Callable[[int], bytes]], Awaitable[None]],
-                 migration: Migration | None = None, lease_s: float = 0.0) -> None:
-        self._node = node
-        self._migration = migration or Migration()
-        self._lease_s = lease_s
+    """The daemon's ``orders`` task (:meth:`run`): orders handed over by the uplink
+    (:meth:`submit`) checked, journaled and run in turn; recovery at the start and whenever
+    libvirt comes back; :meth:`fence` when the daemon finds the node cut off past its lease."""
+
+    def __init__(self, *, settings: Settings, key: VerifyKey, journal: Journal,
+                 hypervisor: Callable[[], Hypervisor | None], tls: Callable[[], Any],
+                 report: Callable[[Callable[[int], bytes]], Awaitable[None]]) -> None:
+        """``settings``: the node as orders see it; ``key``: the aggregator's order-signing
+        key (``load_verify_key``); ``journal``: opened by the caller; ``hypervisor``: libvirt
+        as it is connected now (None: not); ``tls``: the node's TLS context for the image
+        service; ``report``: sends a report through the events spool (given a function that
+        makes it for a sequence number)."""
+        self._settings = settings
+        self._key = key
+        self._journal = journal
+        self._hv = hypervisor
+        self._tls = tls
+        self._reports = Reports(settings.node, report)
         # The last contact with the aggregator as the journal had it when the agent started
         # (before this run touched it): set by the daemon.
         self.contact_at_start: float | None = None
         self._start_judged = False  # whether a recovery has judged the time before the start
-        self._key = key
-        self._journal = journal
-        self._hv = hypervisor
-        self._limits = limits
-        self._storage = storage
-        self._tls = tls
-        self._report = report
-        self._queue: asyncio.Queue[tuple[Order, bytes]] = asyncio.Queue(maxsize=1000)
-        self._progress_at: dict[str, float] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[tuple[Order, bytes]] = asyncio.Queue(maxsize=QUEUE_MAX)
         # Migrations run beside the orders after them (one may take minutes), by VM uuid; an
         # order about the same VM waits for it. Their order ids: recovery leaves them alone.
         self._moving: dict[str, asyncio.Task[None]] = {}
@@ -211,24 +140,14 @@ class OrderRunner:
                           order.order_id, exc)
                 recovered = False
 
-    async def _try_recover(self) -> bool:
-        """Finish accepted orders and restore the desired state, if libvirt is there."""
-        hv = self._hv()
-        if hv is None or not hv.alive():
-            return False
-        try:
-            await self._recover()
-        except HypervisorError as exc:
-            log.error("recovery interrupted: %s; trying again", exc)
-            return False
-        return True
-
     async def _handle(self, order: Order, payload: bytes) -> None:
         try:
-            self._verify(order, payload)
+            check_order(order, payload, key=self._key, node=self._settings.node,
+                        now=time.time())
+            job = job_of(order)
         except Refused as exc:
             log.warning("refused order %s: %s", order.order_id, exc)
-            await self._send(order.order_id, "failed", {}, f"refused: {exc}")
+            await self._reports.send(order.order_id, "failed", {}, f"refused: {exc}")
             return
         hv = self._hv()
         if hv is None or not hv.alive():  # not accepted: the aggregator sends it again
@@ -237,36 +156,39 @@ class OrderRunner:
         done = await self._journal.get(order.order_id)
         if done is not None:  # a duplicate: answer with what happened, never run it again
             if done.state != "accepted":
-                await self._send(order.order_id, done.state, done.result, done.error)
+                await self._reports.send(order.order_id, done.state, done.result, done.error)
             return
         if not await self._journal.accept(order.order_id, order.seq, order.action, payload,
                                           time.time()):
             last = await self._journal.last_seq()
             log.warning("refused order %s: replayed number %d", order.order_id, order.seq)
-            await self._send(order.order_id, "failed", {},
-                             f"refused: replayed order number {order.seq} (last {last})")
+            await self._reports.send(order.order_id, "failed", {},
+                                     f"refused: replayed order number {order.seq} (last {last})")
             return
-        await self._send(order.order_id, "accepted", {}, "")
-        await self._execute_in_turn(order)
+        await self._reports.send(order.order_id, "accepted", {}, "")
+        await self._execute_in_turn(job)
 
-    async def _execute_in_turn(self, order: Order) -> None:
+    # --- sequencing ------------------------------------------------------------------------
+
+    async def _execute_in_turn(self, job: Job[Any]) -> None:
         """Run an accepted order. A migration runs beside the orders after it: a drain moves
         several VMs of this node at once, and the node still takes other orders while they
         go. An order about a VM that is migrating waits for the migration (the queue with
         it: the aggregator sends none while a move runs); stopping ends that wait, and the
         order, journaled as accepted, is finished by the next start."""
-        uuid = _vm_of(order)
+        uuid = job.vm_uuid
         if not await self._after_migration_of(uuid):
             return
-        if order.action != "migrate" or not uuid:
-            await self._execute(order)
+        if not handler_of(job).beside or not uuid:
+            await self._execute(job)
             return
-        task = asyncio.create_task(self._execute_beside(order), name=f"migrate {uuid}")
+        task = asyncio.create_task(self._execute_beside(job),
+                                   name=f"{job.order.action} {uuid}")
         self._moving[uuid] = task
-        self._running.add(order.order_id)
+        self._running.add(job.order_id)
 
         def ended(done: asyncio.Task[None]) -> None:
-            self._running.discard(order.order_id)
+            self._running.discard(job.order_id)
             if self._moving.get(uuid) is done:
                 del self._moving[uuid]
 
@@ -284,44 +206,92 @@ class OrderRunner:
             stopping.cancel()
         return ahead.done()
 
-    async def _execute_beside(self, order: Order) -> None:
+    async def _execute_beside(self, job: Job[Any]) -> None:
         try:
-            await self._execute(order)
+            await self._execute(job)
         except HypervisorError as exc:  # libvirt went away: the order stays accepted
             log.error("order %s interrupted: %s; finished once libvirt is back",
-                      order.order_id, exc)
+                      job.order_id, exc)
             self._trouble_beside.set()
         except Exception as exc:  # handed to run(), which ends with it
             self._failed_beside = exc
             self._trouble_beside.set()
 
-    def _verify(self, order: Order, payload: bytes) -> None:
+    # --- running ---------------------------------------------------------------------------
+
+    def _context(self, hv: Hypervisor) -> Context:
+        return Context(hv, self._journal, self._settings, self._tls, self._reports.progress)
+
+    async def _execute(self, job: Job[Any]) -> None:
+        """Run the order's handler; journal and report how it ended. libvirt going away in
+        the middle is not the order's fault: it stays accepted (HypervisorError raised)."""
+        hv = self._hv()
+        if hv is None:
+            raise HypervisorError("libvirt is not connected")
         try:
-            self._key.verify(signed_bytes(raw_envelope(payload)), order.signature)
-        except (nacl.exceptions.BadSignatureError, ValueError, TypeError, ProtocolError,
-                RecursionError):
-            raise Refused("bad signature: not signed by this fleet's aggregator") from None
-        if order.node != self._node:
-            raise Refused(f"order for node {order.node!r}, this is {self._node!r}")
-        if order.expires_at < time.time():
-            raise Refused("expired before it arrived")
-        if order.action not in ORDER_ACTIONS:
-            raise Refused(f"unknown action {order.action!r}")
+            outcome = await handler_of(job).run(self._context(hv), job)
+        except (Refused, HypervisorError, DomainSpecError, images.ImageError, OSError,
+                ValueError, ET.ParseError) as exc:
+            if isinstance(exc, HypervisorError) and not hv.alive():
+                raise  # not the order's fault: finish it once libvirt is back
+            error = f"refused: {exc}" if isinstance(exc, Refused) else str(exc)
+            log.warning("order %s failed: %s", job.order_id, error)
+            await self._fail(job.order_id, error)
+            return
+        self.executed += 1
+        await self._journal.finish(job.order_id, "succeeded", outcome.result, "", time.time(),
+                                   outcome.desired, outcome.forget)
+        await self._reports.send(job.order_id, "succeeded", outcome.result, "")
+
+    async def _fail(self, order_id: str, error: str) -> None:
+        await self._journal.finish(order_id, "failed", {}, error, time.time())
+        await self._reports.send(order_id, "failed", {}, error)
+
+    # --- recovery and fencing (decided in recovery.py and fencing.py) ----------------------
+
+    async def _try_recover(self) -> bool:
+        """Finish accepted orders and restore the desired state, if libvirt is there."""
+        hv = self._hv()
+        if hv is None or not hv.alive():
+            return False
+        try:
+            await self._recover()
+        except HypervisorError as exc:
+            log.error("recovery interrupted: %s; trying again", exc)
+            return False
+        return True
 
     async def _recover(self) -> None:
         """Finish what a killed agent left half-done, then bring the VMs that should run
         back up (after a host reboot, with or without an uplink). A node that was cut off
         past its lease before this start starts nothing: its VMs may run elsewhere by now."""
         hv = self._hv()
-        last = self.contact_at_start
-        fenced = bool(self._lease_s and last is not None and not self._start_judged
-                      and time.time() - last > self._lease_s)
-        if fenced:
+        now = time.time()
+        lease_s, last = self._settings.lease_s, self.contact_at_start
+        cut_off = recovery.cut_off_at_start(lease_s=lease_s, contact_at_start=last,
+                                            judged=self._start_judged, now=now)
+        if cut_off:
             paused, failed = await self.fence()
             log.warning("no contact with the aggregator for %.0f s before this start (lease"
                         " %.0f s): nothing is started, %d guest(s) paused until it says"
-                        " otherwise%s", time.time() - (last or 0), self._lease_s, paused,
+                        " otherwise%s", now - (last or 0), lease_s, paused,
                         f" ({failed} could not be)" if failed else "")
+        if not await self._finish_unfinished(hv, cut_off):
+            return  # stopping
+        # The cut-off before this start is judged once: a later recovery (libvirt was away
+        # for a moment) is no outage of the uplink's.
+        self._start_judged = True
+        if hv is None:
+            return
+        wants = await self._journal.desired()
+        observed = await upkeep.observe(hv, recovery.to_restore(wants, cut_off=cut_off),
+                                        "restore")
+        await upkeep.restore(self._context(hv),
+                             recovery.plan_restore(wants, observed, cut_off=cut_off))
+
+    async def _finish_unfinished(self, hv: Hypervisor | None, cut_off: bool) -> bool:
+        """Settle each order the journal holds as accepted, oldest first, each read again
+        just before (it may have ended meanwhile); False if stopping came first."""
         for entry in await self._journal.unfinished():
             try:
                 order = decode(entry.envelope)
@@ -329,378 +299,29 @@ class OrderRunner:
                 continue
             if not isinstance(order, Order) or order.order_id in self._running:
                 continue  # (a migration still going on beside)
-            if not await self._after_migration_of(_vm_of(order)):
-                return  # stopping
-            now = await self._journal.get(order.order_id)  # it may have ended meanwhile
-            if now is None or now.state != "accepted" or order.order_id in self._running:
-                continue
-            if order.expires_at < time.time() or (fenced and order.action in ("start",
-                                                                               "create")):
-                why = "expired" if order.expires_at < time.time() else "cut off past the lease"
-                error = f"not finished: the agent stopped while it ran, and it is {why} now"
-                log.warning("order %s (%s): %s", order.order_id, order.action, error)
-                if order.action == "create" and hv is not None:
-                    await self._undo_create(hv, _vm_of(order))
-                await self._journal.finish(order.order_id, "failed", {}, error, time.time())
-                await self._send(order.order_id, "failed", {}, error)
-                continue
-            log.info("finishing order %s (%s) after a restart", order.order_id, order.action)
-            await self._execute(order)
-        # The cut-off before this start is judged once: a later recovery (libvirt was away
-        # for a moment) is no outage of the uplink's.
-        self._start_judged = True
-        if hv is None or fenced:
-            return
-        for want in await self._journal.desired():
-            if want.state not in ("running", "stopped"):  # incoming: not ours yet; fenced:
-                continue  # it may run elsewhere now, only an order brings it back
             try:
-                state = await hv.state(want.vm_uuid)
-                if state is None and want.spec:  # the host lost it (e.g. a fresh host)
-                    await self._define(hv, VmSpecFrom(want.spec))
-                    state = await hv.state(want.vm_uuid)
-                if want.state == "running" and state in ("shut off", "crashed"):
-                    log.info("starting %s: it should run", want.vm_uuid)
-                    await hv.start(want.vm_uuid)
-            except (HypervisorError, DomainSpecError, images.ImageError) as exc:
-                log.error("cannot restore %s: %s", want.vm_uuid, exc)
-
-    # --- running ---------------------------------------------------------------------------
-
-    async def _execute(self, order: Order) -> None:
-        hv = self._hv()
-        if hv is None:
-            raise HypervisorError("libvirt is not connected")
-        uuid = _vm_of(order)
-        desired: Desired | None = None
-        forget = ""
-        try:
-            if order.action in ("create", "receive"):
-                if order.vm is None:
-                    raise Refused(f"a {order.action} order without a VM spec")
-                if order.action == "create":
-                    result = await self._create(hv, order.vm)
-                    desired = Desired(uuid, to_plain(order.vm), "running")
-                else:
-                    result = await self._receive(hv, order.vm, str(order.params.get("mode")))
-                    desired = Desired(uuid, to_plain(order.vm), "incoming")
-            elif not uuid:
-                raise Refused("no vm_uuid")
-            elif order.action == "start":
-                await self._not_before_fence(uuid, order)
-                state = await hv.state(uuid)
-                if state == "paused":  # e.g. paused by the node's own fencing
-                    await hv.change_state(uuid, "resume")
-                elif state != "running":
-                    await hv.start(uuid)
-                desired = Desired(uuid, {}, "running")
-                result = {"state": await hv.state(uuid) or "gone"}
-            elif order.action == "stop":
-                if await hv.state(uuid) not in (None, "shut off"):
-                    await hv.shutdown(uuid, self._storage.shutdown_timeout_s)
-                desired = Desired(uuid, {}, "stopped")
-                result = {"state": await hv.state(uuid) or "gone"}
-            elif order.action == "reboot":
-                await hv.reboot(uuid)
-                result = {"state": await hv.state(uuid) or "gone"}
-            elif order.action == "migrate":
-                result = await self._leave(hv, uuid, order)
-                shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
-                forget = uuid
-            elif order.action == "adopt":
-                result, state = await self._adopt(hv, uuid, order.params)
-                desired = Desired(uuid, {}, state)
-            elif order.action == "release":
-                result = await self._release(hv, uuid)
-            else:  # delete, evict: gone from this node
-                existed = await hv.undefine(uuid)
-                shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
-                forget = uuid
-                result = {"state": "deleted", "existed": existed}
-        except (Refused, HypervisorError, DomainSpecError, images.ImageError, OSError,
-                ValueError, ET.ParseError) as exc:
-            if isinstance(exc, HypervisorError) and not hv.alive():
-                raise  # not the order's fault: finish it once libvirt is back
-            error = f"refused: {exc}" if isinstance(exc, Refused) else str(exc)
-            log.warning("order %s failed: %s", order.order_id, error)
-            await self._journal.finish(order.order_id, "failed", {}, error, time.time())
-            await self._send(order.order_id, "failed", {}, error)
-            return
-        self.executed += 1
-        await self._journal.finish(order.order_id, "succeeded", result, "", time.time(),
-                                   desired, forget)
-        await self._send(order.order_id, "succeeded", result, "")
-
-    async def _create(self, hv: Hypervisor, spec: VmSpec) -> dict[str, Any]:
-        state = await hv.state(spec.uuid)
-        defined_here = state is None
-        if defined_here:  # not created before (or a kill came before the define)
-            await self._check_limits(hv, spec)
-            await self._define(hv, spec)
-            state = await hv.state(spec.uuid)
-        if state != "running":
-            try:
-                await hv.start(spec.uuid)
-            except HypervisorError:
-                if defined_here and hv.alive():  # a VM that never ran leaves nothing behind
-                    await hv.undefine(spec.uuid)
-                    shutil.rmtree(self._storage.disks_dir / spec.uuid, ignore_errors=True)
-                raise
-        return {"state": await hv.state(spec.uuid) or "gone"}
-
-    async def _undo_create(self, hv: Hypervisor, uuid: str) -> None:
-        """A create that will not be finished leaves nothing behind, as one that failed does:
-        its report says failed, and the aggregator may make the VM elsewhere. A VM this node
-        already had before the order (its journal wants it) stays."""
-        if not uuid or await self._journal.desired_of(uuid) is not None:
-            return
-        try:
-            await hv.undefine(uuid)  # stopped first if it runs
-        except HypervisorError as exc:
-            log.error("cannot remove %s, half made by an unfinished create: %s", uuid, exc)
-            return
-        shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
-
-    async def _not_before_fence(self, uuid: str, order: Order) -> None:
-        """An order to start a fenced VM counts only if it was issued after the fence: one
-        issued before may be stale (the VM may have been started elsewhere since)."""
-        want = await self._journal.desired_of(uuid)
-        fenced_at = await self._journal.fenced_at()
-        if want is not None and want.state == "fenced" and fenced_at is not None \
-                and order.issued_at < fenced_at:
-            raise Refused("issued before this node, cut off past its lease, paused the VM"
-                          " (it may run elsewhere now)")
-
-    # --- moving VMs between nodes ----------------------------------------------------------
-
-    async def _receive(self, hv: Hypervisor, spec: VmSpec, mode: str) -> dict[str, Any]:
-        """The destination's side first: check the VM may and can come here, and prepare its
-        files (images fetched, an empty disk on the same base). It is ``incoming`` until
-        adopted: never started from here."""
-        want = await self._journal.desired_of(spec.uuid)
-        if want is not None and want.state != "incoming":
-            raise Refused("the VM is on this node already")
-        if want is None and await hv.state(spec.uuid) is not None:
-            raise Refused("a guest with the VM's id is defined on this node already")
-        if mode == "live" and not self._migration.address:
-            raise Refused("this node takes no live migrations: its [libvirt]"
-                          " migration_address is not set")
-        await self._check_limits(hv, spec)
-        files = await self._prepare(hv, spec)
-        offers = await hv.host_offers(files.domain_type)  # the source checks the guest on it
-        return {"address": self._migration.address, "domain_type": files.domain_type,
-                **offers.as_result(), **{k: str(v) for k, v in files.paths().items()}}
-
-    async def _leave(self, hv: Hypervisor, uuid: str, order: Order) -> dict[str, Any]:
-        """Migrate, with the VM marked ``leaving`` meanwhile: an agent killed in the middle
-        never starts it again here by itself (it may be running at the destination). A
-        failed move puts the mark back only if the VM is still here."""
-        want = await self._journal.desired_of(uuid)
-        before = want.state if want is not None else ""
-        if before in ("running", "stopped"):
-            await self._journal.set_state(uuid, before, "leaving")
-        try:
-            return await self._migrate(hv, order)
-        except BaseException:
-            if before in ("running", "stopped") and hv.alive() \
-                    and await hv.state(uuid) is not None:
-                await self._journal.set_state(uuid, "leaving", before)
-            raise
-
-    async def _migrate(self, hv: Hypervisor, order: Order) -> dict[str, Any]:
-        """The source's side: check the destination the order names against the VM's own
-        residency policy (as this node recorded it), then move it there peer to peer."""
-        p = order.params
-        uuid = str(p.get("vm_uuid", ""))
-        dest, mode = str(p.get("dest", "")), str(p.get("mode", "live"))
-        if dest == self._node:
-            raise Refused("the destination is this node")
-        want = await self._journal.desired_of(uuid)
-        spec = want.spec if want is not None else {}
-        for key, what in (("countries", "country"), ("providers", "provider")):
-            allowed, there = list(spec.get(key) or ()), str(p.get(f"dest_{what}", ""))
-            if allowed and there not in allowed:
-                raise Refused(f"the destination {dest} has {what} {there or 'unknown'}; the"
-                              f" VM allows only {', '.join(allowed)}")
-        state = await hv.state(uuid)
-        if state is None:
-            raise Refused("the VM is not on this node")
-        xml = await hv.domain_xml(uuid)
-        here = _files_of(xml)
-        mapping = {path: str(p.get(role, "")) for role, path in here.items()}
-        missing = [role for role, new in mapping.items() if not new]
-        if missing:
-            raise Refused(f"the destination gave no path for the VM's {', '.join(missing)}")
-        disk = here.get("disk")
-        backing = _has_backing(xml)
-        if backing is None:  # the XML does not say (a guest not running): the file does
-            backing = disk is not None and await images.backing_file(Path(disk)) is not None
-
-        def report(figures: MigrationProgress) -> None:
-            self._progress(order.order_id, figures)
-
-        offers = HostOffers.from_params(p)
-        if offers is not None and (mode == "live" or disk is not None):  # libvirt moves it
-            why = misfits(guest_needs(xml), offers)
-            if why:
-                raise Refused(f"the guest cannot run on {dest} as it runs here: "
-                              + "; ".join(why))
-        limits = _limits(p)
-        left = order.expires_at - time.time() - ORDER_END_MARGIN_S
-        if left < MIGRATION_MIN_S:
-            raise Refused(f"only {max(left, 0):.0f} s of the order's life is left: too little"
-                          " to migrate")
-        limits["timeout_s"] = min(limits["timeout_s"], left)  # aborted before it expires
-        started = time.monotonic()
-        moved: MigrationResult | None = None
-        if mode == "live":
-            if state not in ("running", "paused"):
-                raise Refused(f"the VM is {state}: a live migration needs it running")
-            ours, theirs = ET.fromstring(xml).get("type"), str(p.get("domain_type", ""))  # noqa: S314
-            if theirs != ours:
-                raise Refused(f"the destination runs {theirs or 'unknown'} guests, this VM is"
-                              f" a {ours} guest")
-            moved = await hv.migrate(
-                uuid, self._migration.uri(str(p.get("address", ""))), live=True,
-                copy_storage=disk is not None, incremental=backing,
-                dest_xml=retarget(await hv.migratable_xml(uuid), mapping), **limits,
-                tls=self._migration.transport == "tls", progress=report)
-        else:  # cold: stopped here, its disk copied, defined and started there
-            if state not in ("shut off", "crashed"):
-                await hv.shutdown(uuid, self._storage.shutdown_timeout_s)
-            if disk is not None:
-                # The copy goes the way a migration's does: the guest, started paused (it
-                # runs no instruction), moves with its disk; the destination starts it anew.
-                await hv.start(uuid, paused=True)
-                try:
-                    moved = await hv.migrate(
-                        uuid, self._migration.uri(str(p.get("address", ""))), live=False,
-                        copy_storage=True, incremental=backing,
-                        dest_xml=retarget(await hv.migratable_xml(uuid), mapping),
-                        **limits, tls=self._migration.transport == "tls",
-                        progress=report)
-                except BaseException:
-                    if hv.alive() and await hv.state(uuid) not in (None, "shut off"):
-                        await hv.destroy(uuid)  # back to how it was: stopped, here
-                    raise
-            else:
-                await hv.undefine(uuid)  # nothing to copy: the destination defines it anew
-        result: dict[str, Any] = {"mode": mode, "dest": dest}
-        if moved is not None:
-            result.update({k: v for k, v in (
-                ("downtime_ms", moved.downtime_ms), ("duration_ms", moved.duration_ms),
-                ("transferred_bytes", moved.transferred_bytes),
-                ("memory_bytes", moved.memory_bytes), ("disk_bytes", moved.disk_bytes),
-                ("memory_iterations", moved.memory_iterations)) if v is not None})
-        else:
-            result["duration_ms"] = round((time.monotonic() - started) * 1000)
-            result["transferred_bytes"] = 0
-        return result
-
-    def _progress(self, order_id: str, figures: MigrationProgress) -> None:
-        now = time.monotonic()
-        if now - self._progress_at.get(order_id, 0.0) < PROGRESS_EVERY_S:
-            return
-        self._progress_at[order_id] = now
-        plain = {k: v for k, v in to_plain(figures).items() if v is not None}
-        task = asyncio.ensure_future(self._send(order_id, "progress", plain, ""))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _adopt(self, hv: Hypervisor, uuid: str, params: dict[str, Any]
-                     ) -> tuple[dict[str, Any], str]:
-        """The destination takes the VM over: it is this node's from now on. After a cold
-        move it is defined here (if its disk did not bring the definition) and booted."""
-        want = await self._journal.desired_of(uuid)
-        if want is None:
-            raise Refused("this node did not prepare to receive the VM")
-        state = await hv.state(uuid)
-        if str(params.get("mode")) == "live":
-            if state is None:
-                raise Refused("the VM has not arrived on this node")
-            if await hv.job_stats(uuid) is not None:
-                raise Refused("the VM is still arriving: ask again")
-            if state in ("shut off", "crashed"):  # e.g. this host restarted since it came
-                await hv.start(uuid)
-            return {"state": await hv.state(uuid) or "gone"}, "running"
-        if state not in (None, "shut off", "crashed"):
-            await hv.destroy(uuid)  # arrived paused with its disk: it boots afresh
-        if state is None and want.spec:
-            await self._define(hv, VmSpecFrom(want.spec))
-        start = bool(params.get("start"))
-        if start:
-            await hv.start(uuid)
-        return {"state": await hv.state(uuid) or "gone"}, "running" if start else "stopped"
-
-    async def _release(self, hv: Hypervisor, uuid: str) -> dict[str, Any]:
-        """A move or restart here failed (or its outcome is unknown): drop what was prepared,
-        unless the VM did arrive; then say so, and keep it. Once this answered "not here",
-        the VM is never made here from an earlier order: those are replays now, and what the
-        journal still wanted of it is forgotten (a restart would define it again)."""
-        state = await hv.state(uuid)
-        if state is not None:
-            if await hv.job_stats(uuid) is not None:
-                raise Refused("a migration of the VM is still arriving: ask again")
-            return {"present": True, "state": state}
-        want = await self._journal.desired_of(uuid)
-        if want is not None:
-            await self._journal.forget(uuid)
-        if want is None or want.state == "incoming":  # prepared (or half, by a refused one)
-            shutil.rmtree(self._storage.disks_dir / uuid, ignore_errors=True)
-        return {"present": False}
-
-    async def _check_limits(self, hv: Hypervisor, spec: VmSpec) -> None:
-        lim = self._limits
-        if spec.countries and lim.country not in spec.countries:
-            raise Refused(f"this node is in {lim.country or 'an unknown country'}; the VM may"
-                          f" live only in {', '.join(spec.countries)}")
-        if spec.providers and lim.provider not in spec.providers:
-            raise Refused(f"this node's provider is {lim.provider or 'unknown'}; the VM allows"
-                          f" only {', '.join(spec.providers)}")
-        inv = await hv.inventory("", "")
-        memory_mib = inv.memory_bytes // 2**20 - lim.reserved.memory_mib
-        cpus = (inv.cpus - lim.reserved.cpus) * lim.cpu_overcommit
-        used_mem, used_cpus = 0, 0
-        for want in await self._journal.desired():
-            if want.vm_uuid != spec.uuid and want.spec:
-                used_mem += int(want.spec.get("memory_mib", 0))
-                used_cpus += int(want.spec.get("vcpus", 0))
-        if used_mem + spec.memory_mib > memory_mib:
-            raise Refused(f"not enough memory: {spec.memory_mib} MiB asked, "
-                          f"{max(0, memory_mib - used_mem)} MiB of {memory_mib} free after "
-                          f"the host's reservation")
-        if used_cpus + spec.vcpus > cpus:
-            raise Refused(f"not enough CPUs: {spec.vcpus} asked, {cpus - used_cpus:g} free")
-
-    async def _prepare(self, hv: Hypervisor, spec: VmSpec) -> Files:
-        """The VM's images fetched and its directory and disk made (kept if there)."""
-        st = self._storage
-        home = st.disks_dir / spec.uuid
-        fetched: dict[str, Path] = {}
-        for name, digest in ((spec.image, spec.image_sha256), (spec.kernel, spec.kernel_sha256),
-                             (spec.initrd, spec.initrd_sha256)):
-            if name:
-                fetched[name] = await images.fetch(st.images_url, name, digest, st.images_dir,
-                                                   self._tls)
-        domain_type = (await hv.inventory("", "")).domain_type
-        kvm = domain_type in ("kvm", "qemu")
-        if kvm and st.domain_type != "auto":
-            domain_type = st.domain_type
-        if not kvm:
-            return Files(domain_type)
-        disk: Path | None = None
-        await asyncio.to_thread(images.passable_dir, home)
-        if spec.image or spec.disk_gib:
-            disk = await images.make_disk(home / "disk.qcow2", fetched.get(spec.image),
-                                          spec.disk_gib)
-        return Files(domain_type, disk, fetched.get(spec.kernel), fetched.get(spec.initrd),
-                     home / "serial.log")
-
-    async def _define(self, hv: Hypervisor, spec: VmSpec) -> None:
-        files = await self._prepare(hv, spec)
-        xml = domain_xml(spec, domain_type=files.domain_type, disk=files.disk,
-                         kernel=files.kernel, initrd=files.initrd, serial_log=files.serial)
-        await hv.define(xml)
+                job = job_of(order)
+            except Refused as exc:  # accepted by an agent that read it otherwise
+                await self._fail(order.order_id, f"refused: {exc}")
+                continue
+            if not await self._after_migration_of(job.vm_uuid):
+                return False
+            current = await self._journal.get(order.order_id)
+            decision = recovery.settle(
+                recovery.Unfinished(order.order_id, order.action, order.expires_at,
+                                    current.state if current is not None else None,
+                                    order.order_id in self._running),
+                time.time(), cut_off=cut_off)
+            if isinstance(decision, recovery.Abandon):
+                log.warning("order %s (%s): %s", order.order_id, order.action, decision.error)
+                if decision.undo_create and hv is not None:
+                    await lifecycle.undo_create(self._context(hv), job.vm_uuid)
+                await self._fail(order.order_id, decision.error)
+            elif isinstance(decision, recovery.Resume):
+                log.info("finishing order %s (%s) after a restart", order.order_id,
+                         order.action)
+                await self._execute(job)
+        return True
 
     async def fence(self) -> tuple[int, int]:
         """The node is cut off past its lease: pause every guest it runs by order, and mark
@@ -708,103 +329,20 @@ class OrderRunner:
         aggregator may have started them elsewhere). Returns how many were paused and how
         many could not be (libvirt away): the caller tries again."""
         hv = self._hv()
-        paused = failed = 0
-        await self._journal.touch_fenced(time.time())
-        for want in await self._journal.desired():
-            if want.state not in ("running", "incoming"):
-                continue
-            try:
-                if hv is None:
-                    raise HypervisorError("libvirt is not connected")
-                if await hv.state(want.vm_uuid) == "running":
-                    await hv.change_state(want.vm_uuid, "suspend")
-                    paused += 1
-            except HypervisorError as exc:
-                log.error("cannot pause %s: %s", want.vm_uuid, exc)
-                failed += 1
-                continue
-            if want.state == "running":
-                await self._journal.set_state(want.vm_uuid, "running", "fenced")
-        return paused, failed
-
-    async def _send(self, order_id: str, state: str, result: dict[str, Any],
-                    error: str) -> None:
-        node = self._node
-        plain = {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
-
-        def make(seq: int) -> bytes:
-            return encode(Report(node=node, seq=seq, ts=time.time(), order_id=order_id,
-                                 state=state, result=plain, error=error[:2000]))
-
-        await self._report(make)
+        now = time.time()
+        wants = await self._journal.desired()
+        observed = await upkeep.observe(hv, fencing.to_fence(wants), "pause")
+        return await upkeep.fence(hv, self._journal, fencing.plan_fence(wants, observed, now))
 
 
-@dataclass(frozen=True)
-class Files:
-    """A VM's files on this node (none for the test driver)."""
-
-    domain_type: str
-    disk: Path | None = None
-    kernel: Path | None = None
-    initrd: Path | None = None
-    serial: Path | None = None
-
-    def paths(self) -> dict[str, Path]:
-        return {k: v for k, v in (("disk", self.disk), ("kernel", self.kernel),
-                                  ("initrd", self.initrd), ("serial", self.serial))
-                if v is not None}
+# Kept for tests/aggregator/workloads/test_moves_unit.py, which reads them here (they belong
+# to migrate.py now).
+DEFAULT_MIGRATION_TIMEOUT_S: Final = migrate.DEFAULT_MIGRATION_TIMEOUT_S
+_files_of = migrate.files_of
+_has_backing = migrate.has_backing
 
 
-def _files_of(xml: str) -> dict[str, str]:
-    """The files a running guest uses, by role (disk, kernel, initrd, serial), from its XML."""
-    root = ET.fromstring(xml)  # noqa: S314 - from our own libvirtd
-    found: dict[str, str] = {}
-    for role, where, attr in (("kernel", "os/kernel", ""), ("initrd", "os/initrd", ""),
-                              ("disk", "devices/disk[@device='disk']/source", "file"),
-                              ("serial", "devices/serial[@type='file']/source", "path")):
-        el = root.find(where)
-        value = (el.get(attr) if attr else el.text) if el is not None else None
-        if value:
-            found[role] = value.strip()
-    return found
-
-
-def _vm_of(order: Order) -> str:
-    return order.vm.uuid if order.vm is not None else str(order.params.get("vm_uuid", ""))
-
-
-def _has_backing(xml: str) -> bool | None:
-    """Whether the guest's disk is an overlay on a backing file, from its live XML (libvirt
-    lists a running guest's backing chain: the agent need not read a disk that libvirt gave
-    to QEMU's user); None where the XML does not say (an inactive definition)."""
-    disk = ET.fromstring(xml).find("devices/disk[@device='disk']")  # noqa: S314
-    chain = disk.find("backingStore") if disk is not None else None
-    if chain is None:
-        return None
-    return chain.find("source") is not None
-
-
-def _limits(params: dict[str, Any]) -> dict[str, Any]:
-    """A migrate order's settings as :meth:`Hypervisor.migrate` takes them."""
-    def number(key: str) -> Any:
-        value = params.get(key)
-        return value if isinstance(value, int | float) and not isinstance(value, bool) \
-            and math.isfinite(value) and value >= 1 else None
-
-    downtime, bandwidth = number("max_downtime_ms"), number("bandwidth_mib_s")
-    return {"max_downtime_ms": int(downtime) if downtime else None,
-            "bandwidth_mib_s": int(bandwidth) if bandwidth else None,
-            "auto_converge": params.get("auto_converge") is True,
-            "postcopy": params.get("postcopy") is True,
-            "timeout_s": float(number("timeout_s") or DEFAULT_MIGRATION_TIMEOUT_S)}
-
-
-DEFAULT_MIGRATION_TIMEOUT_S: Final = 600.0
-
-
-def VmSpecFrom(plain: dict[str, Any]) -> VmSpec:
-    """A VmSpec back from the journal's JSON (tuples were stored as lists)."""
-    fields = dict(plain)
-    for name in ("countries", "providers"):
-        fields[name] = tuple(fields.get(name, ()))
-    return VmSpec(**fields)
+def _limits(params: Mapping[str, object]) -> dict[str, Any]:
+    """A migrate order's limits from its raw parameters (as migrate.migration_limits)."""
+    return migrate.migration_limits(*(params.get(k) for k in (
+        "max_downtime_ms", "bandwidth_mib_s", "auto_converge", "postcopy", "timeout_s")))
