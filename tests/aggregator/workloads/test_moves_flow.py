@@ -429,3 +429,20 @@ def test_a_vm_moves_only_to_a_node_of_its_own_arch(db: Tx,
                " WHERE id = 'si-b'")
     assert moves.start(db, ctx, vm_id, "", moves.MoveSettings(), time.time(),
                        "test")["dest"] == "si-b"
+
+
+def test_a_move_whose_row_cannot_be_read_fails_alone_and_is_tried_again(
+        db: Tx, ctx: moves.Context, caplog: pytest.LogCaptureFixture) -> None:
+    good, bad = _vm(db, ctx, "good", "si-a"), _vm(db, ctx, "bad", "si-a")
+    good_move = moves.start(db, ctx, good, "si-b", moves.MoveSettings(), time.time(), "t")
+    bad_move = moves.start(db, ctx, bad, "si-c", moves.MoveSettings(), time.time(), "t")
+    for move in (good_move, bad_move):
+        _report(db, _step(db, move["move"])[1], "succeeded", PREPARED)
+    db.execute("UPDATE orders SET result = 'not json' WHERE id = ?",
+               [_step(db, bad_move["move"])[1]])
+    assert moves.advance(db, ctx, time.time()) == 2
+    assert _step(db, good_move["move"])[0] == "migrating"
+    assert _step(db, bad_move["move"])[0] == "preparing"  # rolled back, and asked again later
+    assert f"move {bad_move['move']} failed; it is tried again at the next turn" in caplog.text
+    assert db.execute("SELECT count(*) FROM orders WHERE move_id = ?",
+                      [bad_move["move"]]).fetchone()[0] == 1
