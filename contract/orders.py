@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Self, TypeAlias
 
-from contract.wire import INT_MAX, INT_MIN, NOT_FINITE, OUT_OF_RANGE, ProtocolError, Scalar
+from contract.convert import INT_MAX, INT_MIN, NOT_FINITE, OUT_OF_RANGE, ProtocolError, Scalar
 
 # --- reading and writing the map --------------------------------------------------------------
 

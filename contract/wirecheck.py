@@ -51,6 +51,21 @@ def _type_reason(expected: str, var: str) -> str:
     return f"'expected {expected}, got ' + type({var}).__name__"
 
 
+def _map(src: _Source, value_tp: Any, var: str, field: str, indent: int, depth: int) -> None:
+    """Emit the checks of a map with string keys and values of ``value_tp``."""
+    key, item = f"_k{depth}", f"_v{depth}"
+    src.emit(indent, f"if type({var}) is not dict: " + _fail(field, _type_reason("a map", var)))
+    src.emit(indent, f"for {key}, {item} in {var}.items():")
+    src.emit(indent + 1, f"if type({key}) is not str: "
+                         + _fail(field, "'map keys must be strings'"))
+    src.emit(indent + 1, "try:")
+    _value(src, value_tp, item, "", indent + 2, depth + 1)
+    src.emit(indent + 1, "except ProtocolError as _e:")
+    # An empty key adds nothing to the path, as in wire.decode.
+    src.emit(indent + 2, f"raise _within(_e, {field!r} + '.' + {key} if {key} else {field!r})"
+                         " from None")
+
+
 def _value(src: _Source, tp: Any, var: str, field: str, indent: int, depth: int) -> None:
     """Emit the checks of ``var`` (a value of type ``tp`` at ``field``)."""
     origin = typing.get_origin(tp)
@@ -94,17 +109,7 @@ def _value(src: _Source, tp: Any, var: str, field: str, indent: int, depth: int)
         src.emit(indent, f"for {i}, {item} in enumerate({var}):")
         _item(src, typing.get_args(tp)[0], item, field, i, indent + 1, depth + 1)
     elif origin is dict:
-        key, item = f"_k{depth}", f"_v{depth}"
-        src.emit(indent, f"if type({var}) is not dict: " + _fail(field, _type_reason("a map", var)))
-        src.emit(indent, f"for {key}, {item} in {var}.items():")
-        src.emit(indent + 1, f"if type({key}) is not str: "
-                             + _fail(field, "'map keys must be strings'"))
-        src.emit(indent + 1, "try:")
-        _value(src, typing.get_args(tp)[1], item, "", indent + 2, depth + 1)
-        src.emit(indent + 1, "except ProtocolError as _e:")
-        # An empty key adds nothing to the path, as in wire.decode.
-        src.emit(indent + 2, f"raise _within(_e, {field!r} + '.' + {key} if {key} else {field!r})"
-                             " from None")
+        _map(src, typing.get_args(tp)[1], var, field, indent, depth)
     elif dataclasses.is_dataclass(tp):
         src.emit(indent, "try:")
         src.emit(indent + 1, f"{_dataclass(src, typing.cast(type, tp))}({var})")
