@@ -5,8 +5,8 @@ used from the next), sets the retained ``offline`` status as last will, announce
 with the inventory on every connect, and drains the spool in order with QoS 1, removing a
 message only after the broker acknowledged it. It reads the node's orders topic and hands what
 arrives there, decoded and as received, to ``on_message``. When the connection fails it
-reconnects with
-exponential backoff and full jitter; the spool keeps filling meanwhile.
+reconnects with exponential backoff and full jitter (``plumbing/backoff.py``); the spool keeps
+filling meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import aiomqtt
 
 from agent.spool import Pending, Spool
 from contract.wire import Inventory, Message, ProtocolError, Status, decode, encode, topic
+from plumbing.backoff import Backoff
+from plumbing.backoff import backoff_delay as backoff_delay  # tests/agent/test_daemon.py's name
 from plumbing.tls import no_delay
 
 log = logging.getLogger("virt8ra.agent.uplink")
@@ -43,11 +45,6 @@ class UplinkSettings:
     batch: int = 200
     window: int = 50
     lease_s: float = 0.0  # told to the aggregator in the status
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float, rand: float) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(max, initial * 2**attempt)]."""
-    return float(rand * min(maximum, initial * (2.0 ** min(attempt, 32))))
 
 
 class Uplink:
@@ -87,6 +84,7 @@ class Uplink:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(self._s.backoff_initial_s, self._s.backoff_max_s, floor_s=0.05)
         attempt = 0
         status_topic = topic(self._s.node, "status")
         while not stop.is_set():
@@ -115,12 +113,10 @@ class Uplink:
                 log.warning("uplink down: %s", exc)
             if self.down_since is None:
                 self.down_since = time.monotonic()
-            delay = backoff_delay(
-                attempt, self._s.backoff_initial_s, self._s.backoff_max_s, random.random()
-            )
+            delay = backoff.delay(attempt, random.random())
             attempt += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.05))
+                await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Subscribe, say ``online``, then drain the spool until ``stop``, while receiving

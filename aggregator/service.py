@@ -1,46 +1,44 @@
 """``virt8ra-aggregator init`` and ``serve``: the data directory and the running service.
 
-``serve`` is one TaskGroup of named tasks: the managed broker, ingest, retention and the
-HTTP API, plus the systemd watchdog when systemd asks for one.
+``serve`` is one TaskGroup of named tasks, each a collaborator from its own package: the
+managed broker (``fleet/managedbroker.py``), ingest and the control session (``fleet/``),
+certificate renewal and the CRL (``trust/renewal.py``, ``trust/revocation.py``), the order
+dispatcher (``fleet/dispatcher.py``), the image service (``api/images.py``), retention
+(``fleet/retention.py``) and the REST API (``api/server.py``), plus the systemd watchdog when
+systemd asks for one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
 
 from aggregator import config
 from aggregator.api.common import Services
-from aggregator.api.http import JsonErrorRunner, error, json_errors
-from aggregator.api.routes import make_app
+from aggregator.api.images import ImageService
+from aggregator.api.server import ApiServer
 from aggregator.config import AggregatorConfig, Layout
 from aggregator.fleet import broker
-from aggregator.fleet.control import CONTROL_CN, Control, ControlSettings, ControlUnavailable
+from aggregator.fleet.control import CONTROL_CN, Control, ControlSettings
+from aggregator.fleet.dispatcher import Dispatcher
 from aggregator.fleet.ingest import Ingest, ReceiverSettings
+from aggregator.fleet.managedbroker import ManagedBroker
+from aggregator.fleet.retention import Retention
 from aggregator.store.ingest import EventHandlers
-from aggregator.store.tx import Tx
 from aggregator.store.writer import Store
-from aggregator.trust import audit
-from aggregator.trust import nodes as trust
-from aggregator.trust.enrollment import EnrollmentError
 from aggregator.trust.pki import CertificateAuthority, OrderSigner, make_order_key
+from aggregator.trust.renewal import Renewals
+from aggregator.trust.revocation import Revocation
 from aggregator.trust.tokens import create_api_token
-from aggregator.workloads import images, moves, orders, placement, vms
+from aggregator.workloads import orders, placement, vms
 from contract.profiles import Profile, default_profiles_dir, load_profiles
-from contract.wire import Certificate, RenewRequest, encode
 from plumbing import configfile, sdnotify
 from plumbing.tls import client_verifying_context, server_context
-
-log = logging.getLogger("virt8ra.aggregator")
 
 
 class InitError(Exception):
@@ -112,50 +110,47 @@ def ensure_identities(layout: Layout, ca: CertificateAuthority) -> None:
 
 
 class Aggregator:
-    """The running service; :meth:`run` until :meth:`request_stop`."""
+    """The running service; :meth:`run` until :meth:`request_stop`.
+
+    Only wiring: each task is a collaborator from the package it belongs to, built here from
+    the config and handed what it needs (the store, the CA, the control session).
+    """
 
     def __init__(self, data_dir: Path, cfg: AggregatorConfig,
                  profiles: dict[str, Profile] | None = None) -> None:
-        self.layout = Layout(data_dir)
+        self.layout = layout = Layout(data_dir)
         self.config = cfg
         self.profiles = profiles if profiles is not None else load_profiles(default_profiles_dir())
         self.stop = asyncio.Event()
-        self.store = Store(self.layout.database, batch_size=cfg.ingest.batch_size,
+        self.orders_due = asyncio.Event()  # wakes the dispatcher: a new order, a node's report
+        self.liveness = vms.Liveness(cfg.liveness.heartbeat_factor, cfg.liveness.min_timeout_s)
+        self.store = Store(layout.database, batch_size=cfg.ingest.batch_size,
                            handlers=EventHandlers(node_online=orders.node_online,
                                                   lifecycle=orders.apply_lifecycle,
                                                   report=orders.apply_report),
                            queue_max=cfg.ingest.queue_max)
-        self.ca = CertificateAuthority(self.layout.pki)
-        self.supervisor: broker.BrokerSupervisor | None = None
-        self.ingest = Ingest(
-            self.store,
-            ReceiverSettings(
-                host=cfg.broker.host,
-                port=cfg.broker.port,
-                ca_file=self.layout.ca_cert,
-                cert_file=self.layout.client_cert,
-                key_file=self.layout.client_key,
-                client_id=cfg.ingest.client_id,
-            ),
-            on_renew=self._renewal_requested,
-            on_report=lambda: self._dispatch_now.set(),  # a move may take its next step
-        )
+        self.ca = CertificateAuthority(layout.pki)
+        self.broker = ManagedBroker(layout, cfg.broker)
         self.control = Control(
-            ControlSettings(
-                host=cfg.broker.host,
-                port=cfg.broker.port,
-                ca_file=self.layout.ca_cert,
-                cert_file=self.layout.control_cert,
-                key_file=self.layout.control_key,
-                scratch_dir=self.layout.pki,
-            ),
+            ControlSettings(host=cfg.broker.host, port=cfg.broker.port, ca_file=layout.ca_cert,
+                            cert_file=layout.control_cert, key_file=layout.control_key,
+                            scratch_dir=layout.pki),
             self.ca,
         )
-        self._renewals: asyncio.Queue[RenewRequest] = asyncio.Queue(maxsize=10_000)
-        self._crl_lock = asyncio.Lock()
-        self.renewed = 0
-        self.signer: OrderSigner | None = None
-        self._dispatch_now = asyncio.Event()
+        self.renewals = Renewals(self.store, self.ca, cert_days=cfg.pki.node_cert_days,
+                                 sender=self.control)
+        self.revocation = Revocation(self.store, self.ca, crl_file=layout.crl,
+                                     crl_days=cfg.pki.crl_days, broker=self.broker,
+                                     sessions=self.control)
+        self.ingest = Ingest(
+            self.store,
+            ReceiverSettings(host=cfg.broker.host, port=cfg.broker.port,
+                             ca_file=layout.ca_cert, cert_file=layout.client_cert,
+                             key_file=layout.client_key, client_id=cfg.ingest.client_id),
+            on_renew=self.renewals.request,
+            on_report=self.orders_due.set,  # a move may take its next step
+        )
+        self.retention = Retention(self.store, cfg.retention)
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -174,39 +169,58 @@ class Aggregator:
             "virt8ra_store_gaps": s.gaps_detected,
             "virt8ra_store_batches": s.batches,
             "virt8ra_store_backlog": s.backlog,
-            "virt8ra_broker_restarts": self.supervisor.restarts if self.supervisor else 0,
-            "virt8ra_certificates_renewed": self.renewed,
+            "virt8ra_broker_restarts": self.broker.restarts,
+            "virt8ra_certificates_renewed": self.renewals.renewed,
         }
 
     async def run(self) -> None:
-        cfg = self.config
         await asyncio.to_thread(self.store.start)
         try:
-            await asyncio.to_thread(ensure_identities, self.layout, self.ca)
-            self.order_public_key = self.layout.order_public_key.read_text()
-            self.signer = OrderSigner(self.layout.order_key)
-            await self.refresh_crl()  # before the broker reads it: it may have expired meanwhile
+            signer, public_key = await asyncio.to_thread(self._identities)
+            await self.revocation.refresh_crl()  # before the broker reads it: it may have expired
             await self.store.write(lambda db: placement.sync_reservations(db, self.profiles))
-            async with asyncio.TaskGroup() as tg:
-                if cfg.broker.managed:
-                    conf = broker.write_config(self.layout, cfg.broker)
-                    self.supervisor = broker.BrokerSupervisor(cfg.broker.executable, conf)
-                    tg.create_task(self.supervisor.run(self.stop), name="broker")
-                tg.create_task(self.ingest.run(self.stop), name="ingest")
-                tg.create_task(self.control.run(self.stop), name="control")
-                tg.create_task(self._renewer(), name="renewals")
-                tg.create_task(self._crl_keeper(), name="crl")
-                tg.create_task(self._dispatcher(), name="orders")
-                tg.create_task(self._image_service(), name="images")
-                tg.create_task(self._retention(), name="retention")
-                tg.create_task(self._api(), name="api")
-                tg.create_task(self._watchdog(), name="watchdog")
+            await self._serve(signer, public_key)
         finally:
             await asyncio.to_thread(self.store.stop)
 
-    async def _api(self) -> None:
+    def _identities(self) -> tuple[OrderSigner, str]:
+        """The order-signing key (made if this data directory predates it) and its public
+        half, which every node gets at enrollment."""
+        ensure_identities(self.layout, self.ca)
+        return OrderSigner(self.layout.order_key), self.layout.order_public_key.read_text()
+
+    async def _serve(self, signer: OrderSigner, public_key: str) -> None:
+        cfg, stop, layout = self.config, self.stop, self.layout
+        dispatcher = Dispatcher(self.store, self.control, signer=signer, profiles=self.profiles,
+                                liveness=self.liveness, config=cfg.orders, listener=self.ingest,
+                                wake=self.orders_due)
+        api_tls = None
+        if cfg.api.https:  # plain HTTP only on loopback
+            api_tls = server_context(layout.pki / "api.crt", layout.pki / "api.key")
+        api = ApiServer(self._services(signer, public_key), host=cfg.api.host,
+                        port=cfg.api.port, tls=api_tls)
+        images = ImageService(
+            self.store, crl_file=layout.crl, host=cfg.images.host, port=cfg.images.port,
+            tls=client_verifying_context(layout.pki / "api.crt", layout.pki / "api.key",
+                                         layout.ca_cert, layout.crl),
+        )
+        async with asyncio.TaskGroup() as tg:
+            if self.broker.managed:
+                tg.create_task(self.broker.run(stop), name="broker")
+            tg.create_task(self.ingest.run(stop), name="ingest")
+            tg.create_task(self.control.run(stop), name="control")
+            tg.create_task(self.renewals.run(stop), name="renewals")
+            tg.create_task(self.revocation.keep_crl(stop), name="crl")
+            tg.create_task(dispatcher.run(stop), name="orders")
+            tg.create_task(images.run(stop), name="images")
+            tg.create_task(self.retention.run(stop), name="retention")
+            tg.create_task(api.run(stop, listening=self.ingest.connected), name="api")
+            tg.create_task(watchdog(self.store, stop), name="watchdog")
+
+    def _services(self, signer: OrderSigner, public_key: str) -> Services:
+        """What the API's handlers use: collaborators, never callbacks into this class."""
         cfg = self.config
-        services = Services(
+        return Services(
             store=self.store,
             ca=self.ca,
             profiles=self.profiles,
@@ -216,275 +230,29 @@ class Aggregator:
             broker_host=cfg.broker.host,
             broker_port=cfg.broker.port,
             metrics=self.figures,
-            order_public_key=self.order_public_key,
-            revoke=self.revoke,
-            crl_changed=self._re_enrolled,
-            signer=self.signer,
+            order_public_key=public_key,
+            revoke=self.revocation.revoke,
+            crl_changed=self.revocation.superseded,
+            signer=signer,
             order_ttl_s=cfg.orders.ttl_s,
             images_dir=self.layout.images,
             images_url=f"https://{cfg.images.host}:{cfg.images.port}",
             max_image_bytes=cfg.images.max_bytes,
-            orders_changed=self._dispatch_now.set,
+            orders_changed=self.orders_due.set,
         )
-        runner = JsonErrorRunner(make_app(services), access_log=None)
-        await runner.setup()
-        tls = None
-        if cfg.api.https:  # plain HTTP only on loopback
-            tls = server_context(self.layout.pki / "api.crt", self.layout.pki / "api.key")
-        site = web.TCPSite(runner, cfg.api.host, cfg.api.port, ssl_context=tls)
-        # Let ingest open its persistent session before nodes can enroll and publish: from
-        # then on the broker queues their messages for us even while we are away.
-        try:
-            await asyncio.wait_for(self.ingest.connected.wait(), timeout=30)
-        except TimeoutError:
-            log.error("ingest is not connected to the broker yet; serving the API anyway")
-        if self.stop.is_set():
-            await runner.cleanup()
-            return
-        try:
-            await site.start()
-            log.info("API on %s://%s:%d", "https" if tls else "http", cfg.api.host, cfg.api.port)
-            sdnotify.notify("READY=1")
-            await self.stop.wait()
-        finally:
-            sdnotify.notify("STOPPING=1")
-            await runner.cleanup()
 
-    # --- trust: CRL, revocation, renewal -------------------------------------------------------
 
-    async def refresh_crl(self) -> bool:
-        """Write the CRL from the database and have the broker re-read it (SIGHUP); True when
-        the broker was told. One at a time, so a newer list is never overwritten by an older."""
-        async with self._crl_lock:
-            serials = await self.store.read(lambda c: trust.crl_serials(c, time.time()))
-            await asyncio.to_thread(self.ca.write_crl, self.layout.crl, serials,
-                                    self.config.pki.crl_days)
-            if self.supervisor is not None and self.supervisor.reload():
-                log.info("CRL renewed (%d revoked); the broker re-reads it", len(serials))
-                return True
-            if not self.config.broker.managed:
-                log.warning("CRL renewed at %s: have your broker re-read it (SIGHUP)",
-                            self.layout.crl)
-            return False
-
-    async def _crl_keeper(self) -> None:
-        """Re-sign the CRL at half its validity: an expired CRL makes the broker refuse
-        every node."""
-        period = self.config.pki.crl_days * 86400 / 2
-        while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=period)
-            if not self.stop.is_set():
-                try:
-                    await self.refresh_crl()
-                except Exception:  # retried at the next turn; the old CRL stays valid meanwhile
-                    log.exception("CRL renewal failed")
-
-    async def revoke(self, node: str, actor: str, reason: str) -> dict[str, Any]:
-        """Revoke ``node``: CRL, broker reload, then take its live session away."""
-        now = time.time()
-        serials = await self.store.write(
-            lambda db: trust.revoke_node(db, node, now, actor, reason)
-        )
-        dropped, reloaded = await self.cut_off(node)
-        return {"node": node, "revoked_at": now, "serials": serials, "reason": reason,
-                "broker_reloaded": reloaded, "session_dropped": dropped}
-
-    async def cut_off(self, node: str) -> tuple[bool, bool]:
-        """After revoking certificates of ``node``: renew the CRL, have the broker re-read it
-        and take the node's live session over; ``(session dropped, broker reloaded)``. With a
-        broker we do not manage, the session is left alone: it would only reconnect under
-        the old CRL until that broker re-reads it."""
-        reloaded = await self.refresh_crl()
-        if not reloaded:
-            log.error("%s: revoked, but the broker was not told; its session stays until the"
-                      " broker re-reads %s", node, self.layout.crl)
-            return False, False
-        await asyncio.sleep(0.3)  # the broker handles SIGHUP on its next loop turn
-        try:
-            await self.control.cut_off(node)
-        except ControlUnavailable as exc:
-            log.error("revoked %s, but its live session stays until it reconnects: %s", node,
-                      exc)
-            return False, True
-        return True, True
-
-    async def _re_enrolled(self, node: str) -> None:
-        await self.cut_off(node)
-
-    def _renewal_requested(self, request: RenewRequest) -> None:
-        try:
-            self._renewals.put_nowait(request)
-        except asyncio.QueueFull:
-            log.warning("renewal request from %s dropped: too many waiting; it will ask again",
-                        request.node)
-
-    async def _renewer(self) -> None:
-        stopper = asyncio.ensure_future(self.stop.wait())
-        try:
-            while not self.stop.is_set():
-                getter = asyncio.ensure_future(self._renewals.get())
-                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    return
-                req = getter.result()
-                try:
-                    await self._renew(req)
-                except Exception:  # one node's request must never stop the aggregator
-                    log.exception("renewal for %s failed", req.node)
-        finally:
-            stopper.cancel()
-
-    async def _renew(self, req: RenewRequest) -> None:
-        now, days = time.time(), self.config.pki.node_cert_days
-
-        def sign(db: Tx) -> trust.Renewed:
-            return trust.renew(db, self.ca, req.node, req.csr, now, days)
-
-        try:
-            renewed = await self.store.write(sign)
-        except EnrollmentError as exc:
-            log.warning("refused to renew %s's certificate: %s", req.node, exc)
-            code = exc.code
-            await self.store.write(lambda db: audit.record(
-                db, now, f"node:{req.node}", "certificate.renew", req.node, "refused",
-                reason=code,
-            ))
-            return
-        answer = encode(Certificate(node=req.node, ts=time.time(),
-                                    certificate=renewed.certificate_pem,
-                                    not_after=renewed.not_after))
-        try:
-            await self.control.publish(req.node, answer)
-        except ControlUnavailable as exc:
-            log.warning("renewed %s's certificate but cannot send it (%s); the node will ask"
-                        " again", req.node, exc)
-            return
-        if not renewed.reused:
-            self.renewed += 1
-        log.info("renewed %s's certificate (serial %s)", req.node, renewed.serial)
-
-    # --- orders and images --------------------------------------------------------------------
-
-    async def _dispatcher(self) -> None:
-        """Publish due orders in sequence: new ones at once, unanswered ones again with
-        backoff, everything a node missed when it comes back; expire what ran out of time."""
-        interval = self.config.orders.dispatch_interval_s
-        while not self.stop.is_set():
-            self._dispatch_now.clear()
-            try:
-                await self._dispatch(time.time())
-            except Exception:  # a bad turn must not stop order delivery for good
-                log.exception("order dispatch failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dispatch_now.wait(), timeout=interval)
-
-    async def _dispatch(self, now: float) -> None:
-        expired = await self.store.write(lambda db: orders.expire(db, now))
-        if expired:
-            log.warning("%d order(s) expired unfinished", expired)
-        signer, live, ttl = self.signer, vms.Liveness(
-            self.config.liveness.heartbeat_factor, self.config.liveness.min_timeout_s
-        ), self.config.orders.ttl_s
-        if signer is not None:
-            restarted = await self.store.write(
-                lambda db: vms.reconcile(db, signer, now, live, ttl))
-            if restarted:
-                log.info("resuming %d VM(s) their node paused on its own", len(restarted))
-            ctx = moves.Context(signer, self.profiles, live, ttl)
-            grace, since = self.config.orders.node_loss_grace_s, self.ingest.connected_since
-
-            def move_on(db: Tx) -> list[str]:
-                moves.advance(db, ctx, now)
-                moves.drive(db, ctx, now)
-                lost = moves.restart_lost(db, ctx, now, grace, since)
-                moves.evict(db, ctx, now)
-                return lost
-
-            try:
-                lost = await self.store.write(move_on)
-            except Exception:  # orders already due still go out below
-                log.exception("moving VMs failed this turn; trying again at the next")
-                lost = []
-            if lost:
-                log.warning("restarting %d VM(s) of lost nodes elsewhere", len(lost))
-        due = await self.store.read(lambda c: orders.due(c, now))
-        sent: list[str] = []
-        for item in due:
-            try:
-                await self.control.publish(item.node_id, item.payload, wait_s=2)
-            except ControlUnavailable as exc:
-                log.warning("orders wait for the broker: %s", exc)
-                break
-            sent.append(item.order_id)
-        if sent:
-            await self.store.write(lambda db: orders.mark_sent(db, sent, now))
-
-    async def _image_service(self) -> None:
-        """Images (and the CRL) for nodes: HTTPS that requires a fleet certificate not in
-        the CRL."""
-        cfg = self.config.images
-        app = web.Application(middlewares=[json_errors])
-
-        async def image(request: web.Request) -> web.StreamResponse:
-            name = request.match_info["name"]
-            path = await self.store.read(lambda c: images.path_of(c, name))
-            if path is None:
-                return error(404, "not_found", f"no image {name!r}")
-            return web.FileResponse(path)
-
-        async def crl(request: web.Request) -> web.StreamResponse:
-            # The fleet's revocations, for the nodes' libvirt daemons (migration over TLS).
-            return web.FileResponse(self.layout.crl, headers={"Content-Type":
-                                                              "application/x-pem-file"})
-
-        app.router.add_get("/images/{name}", image)
-        app.router.add_get("/crl", crl)
-        runner = JsonErrorRunner(app, access_log=None)
-        await runner.setup()
-        tls = client_verifying_context(self.layout.pki / "api.crt", self.layout.pki / "api.key",
-                                       self.layout.ca_cert, self.layout.crl)
-        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls)
-        await site.start()
-        log.info("image service on https://%s:%d", cfg.host, cfg.port)
-        try:
-            await self.stop.wait()
-        finally:
-            await runner.cleanup()
-
-    async def _retention(self) -> None:
-        r = self.config.retention
-        while not self.stop.is_set():
-            now, chunk, total = time.time(), 5000, 0
-
-            def sweep(db: Tx, now: float = now, chunk: int = chunk
-                      ) -> tuple[int, int]:
-                return Store.sweep(db, now, r.raw_hours, r.rollup_bucket_s, r.rollup_days, chunk)
-
-            while not self.stop.is_set():
-                try:
-                    rolled, _ = await self.store.write(sweep)
-                except Exception:  # a sweep that fails must not take the service down
-                    log.exception("retention sweep failed; retrying at the next interval")
-                    break
-                total += rolled
-                if rolled < chunk:
-                    break
-            if total:
-                log.info("retention: rolled up %d samples", total)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=r.sweep_interval_s)
-
-    async def _watchdog(self) -> None:
-        interval = sdnotify.watchdog_interval_s()
-        if interval is None:
-            return
-        while not self.stop.is_set():
-            await self.store.flush()  # the writer thread is alive and keeping up
-            sdnotify.notify("WATCHDOG=1")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=interval)
+async def watchdog(store: Store, stop: asyncio.Event) -> None:
+    """Tell systemd we are alive, when it asks to be told: only while the store's writer
+    thread is alive and keeping up."""
+    interval = sdnotify.watchdog_interval_s()
+    if interval is None:
+        return
+    while not stop.is_set():
+        await store.flush()
+        sdnotify.notify("WATCHDOG=1")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 def serve(data_dir: Path) -> None:

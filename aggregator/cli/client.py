@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,6 +17,9 @@ class ApiClientError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+DEFAULT_API = "http://127.0.0.1:8480"
 
 
 class ApiClient:
@@ -55,3 +59,12 @@ class ApiClient:
 
     def post(self, path: str, body: Any) -> Any:
         return self.request("POST", path, body)
+
+
+def connect(api: str = "", token: str = "") -> ApiClient:
+    """A client for ``api`` with ``token``; where either is empty, ``VIRT8RA_API`` or
+    ``VIRT8RA_TOKEN`` (the API's default address on this host when neither is set)."""
+    token = token or os.environ.get("VIRT8RA_TOKEN", "")
+    if not token:
+        raise ApiClientError("no API token: pass --token or set VIRT8RA_TOKEN")
+    return ApiClient(api or os.environ.get("VIRT8RA_API", DEFAULT_API), token)

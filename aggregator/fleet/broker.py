@@ -18,8 +18,11 @@ from pathlib import Path
 
 from aggregator.config import BrokerConfig, Layout
 from contract.wire import TOPIC_PREFIX, subscription
+from plumbing.backoff import Backoff
 
 log = logging.getLogger("virt8ra.aggregator.broker")
+RESTART = Backoff(initial_s=0.5, max_s=30.0)  # no jitter: one broker, nobody to herd with
+
 
 class BrokerError(Exception):
     """The managed broker cannot be set up or run; the message says what to do."""
@@ -121,7 +124,6 @@ class BrokerSupervisor:
         self.restarts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.5
         await self._stop_leftover()
         try:
             while not stop.is_set():
@@ -137,12 +139,12 @@ class BrokerSupervisor:
                 if stop.is_set():
                     waiter.cancel()
                     return
+                delay = RESTART.delay(self.restarts)
                 log.error("broker exited with %s; restarting in %.1f s",
                           self.process.returncode, delay)
                 self.restarts += 1
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
-                delay = min(delay * 2, 30.0)
         finally:  # stopping, or the service failing around us: never leave the broker behind
             await self.terminate()
 

@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,13 @@ import aiomqtt
 
 from aggregator.trust.pki import CertificateAuthority
 from contract.wire import topic
-from plumbing.tls import client_context, no_delay
+from plumbing.backoff import Backoff
+from plumbing.tls import client_context, client_context_from_pem, no_delay
 
 log = logging.getLogger("virt8ra.aggregator.control")
 
 CONTROL_CN = "aggregator-control"
+RECONNECT = Backoff(initial_s=0.5, max_s=30.0, floor_s=0.1)  # with full jitter
 
 
 class ControlUnavailable(Exception):
@@ -83,10 +83,10 @@ class Control:
             finally:
                 self._client = None
                 self.connected.clear()
-            delay = random.random() * min(30.0, 0.5 * 2**attempt)
+            delay = RECONNECT.delay(attempt, random.random())
             attempt += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.1))
+                await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def publish(self, node: str, payload: bytes, wait_s: float = 10.0) -> None:
         """Publish to ``node``'s orders topic (QoS 1); raises ControlUnavailable."""
@@ -115,13 +115,8 @@ class Control:
     async def _take_over(self, node: str) -> None:
         s = self._s
         cred = await asyncio.to_thread(self._ca.issue_ephemeral, node, 60)
-        with tempfile.TemporaryDirectory(dir=s.scratch_dir, prefix=".cutoff-") as scratch:
-            cert, key = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
-            cert.write_text(cred.certificate_pem)
-            key.touch(mode=0o600)
-            key.write_text(cred.key_pem)
-            tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(s.ca_file))
-            tls.load_cert_chain(cert, key)
+        tls = client_context_from_pem(s.ca_file, cred.certificate_pem, cred.key_pem,
+                                      scratch_dir=s.scratch_dir)
         client = aiomqtt.Client(s.host, s.port, identifier=node, tls_context=tls,
                                 timeout=s.connect_timeout_s, clean_session=True)
         async with client:  # connecting is the whole point: the node's session is ours now

@@ -46,10 +46,13 @@ from contract.wire import (
     subscription,
 )
 from contract.wirecheck import check
+from plumbing.backoff import Backoff
 from plumbing.tls import client_context, no_delay
 
 log = logging.getLogger("virt8ra.aggregator.ingest")
 _READ_BURST = 500  # packets per readable socket before other tasks get their turn
+RECONNECT = Backoff(initial_s=0.5, max_s=30.0, floor_s=0.1)  # the session; with full jitter
+RESTART = Backoff(initial_s=0.5, max_s=30.0)  # the receiving process; no jitter
 
 
 @dataclass
@@ -227,10 +230,10 @@ class _Receiver:
                 log.warning("ingest connection lost: %s", exc)
             self._emit(["c", False])
             self._flush()
-            delay = random.random() * min(30.0, 0.5 * 2**attempt)
+            delay = RECONNECT.delay(attempt, random.random())
             attempt += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.1))
+                await asyncio.wait_for(stop.wait(), timeout=delay)
 
 
 def _receiver_main(settings: ReceiverSettings, conn: Connection, parent: int) -> None:
@@ -321,7 +324,6 @@ class Ingest:
     async def run(self, stop: asyncio.Event) -> None:
         ctx = multiprocessing.get_context("spawn")
         loop = asyncio.get_running_loop()
-        delay = 0.5
         while not stop.is_set():
             receiving, sending = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_receiver_main,
@@ -360,12 +362,12 @@ class Ingest:
                 receiving.close()
                 self.connected.clear()
             if not stop.is_set():
+                delay = RESTART.delay(self.restarts)
                 self.restarts += 1
                 log.error("the ingest process exited (%s); restarting in %.1f s", proc.exitcode,
                           delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
-                delay = min(delay * 2, 30.0)
 
 
 async def _until_disconnected(client: aiomqtt.Client, stop: asyncio.Event) -> None:
