@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ import aiomqtt
 from agent.spool import Pending, Spool
 from contract.wire import Inventory, Message, ProtocolError, Status, decode, encode, topic
 from plumbing.backoff import Backoff
-from plumbing.backoff import backoff_delay as backoff_delay  # tests/agent/test_daemon.py's name
-from plumbing.tls import no_delay
+from plumbing.tls import TlsContext, no_delay
 
 log = logging.getLogger("virt8ra.agent.uplink")
 
@@ -36,7 +34,7 @@ class UplinkSettings:
     node: str
     host: str
     port: int
-    tls: Callable[[], ssl.SSLContext]  # made for each connection: certificates are renewed
+    tls: Callable[[], TlsContext]  # made for each connection: certificates are renewed
     keepalive_s: int
     connect_timeout_s: float
     backoff_initial_s: float

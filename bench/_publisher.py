@@ -10,7 +10,6 @@ t_last_ack, acked, failed).
 from __future__ import annotations
 
 import select
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from _common import PayloadFactory
 from paho.mqtt.enums import CallbackAPIVersion
 
 from contract.wire import topic
+from plumbing.tls import client_context
 
 API_V2 = CallbackAPIVersion.VERSION2
 
@@ -38,13 +38,6 @@ class PublisherJob:
     guests: bool = True
     max_inflight: int = 1000
     connect_timeout_s: float = 60.0
-
-
-def _context(ca_file: str, cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
 
 
 def run(job: PublisherJob, out: Any, go: Any) -> None:
@@ -82,7 +75,8 @@ def _run(job: PublisherJob, out: Any, go: Any) -> None:
     for _gi, node in job.nodes:
         c = mqtt.Client(API_V2, client_id=node,
                         protocol=mqtt.MQTTv311, clean_session=True)
-        c.tls_set_context(_context(job.ca_file, certs / f"{node}.crt", certs / f"{node}.key"))
+        c.tls_set_context(client_context(Path(job.ca_file), certs / f"{node}.crt",
+                                         certs / f"{node}.key"))
         c.max_inflight_messages_set(job.max_inflight)
         c.max_queued_messages_set(0)
         c.on_connect = on_connect

@@ -25,8 +25,7 @@ GATEWAYS = {
     # The agent's x509 work runs in the enroll command and in a child process (certtool).
     "cryptography": {"agent/identity/enroll.py", "agent/identity/certtool.py",
                      "aggregator/trust/pki.py"},
-    "ssl": {"plumbing/tls.py", "agent/uplink.py", "agent/identity/enroll.py",
-            "agent/host/images.py", "aggregator/fleet/ingest.py", "aggregator/fleet/control.py"},
+    "ssl": {"plumbing/tls.py"},
     "nacl": {"agent/orders/signatures.py"},
     "prometheus_client": {"aggregator/api/metrics.py"},
 }

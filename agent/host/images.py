@@ -10,13 +10,14 @@ import contextlib
 import hashlib
 import os
 import re
-import ssl
 import struct
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from plumbing.tls import TlsContext
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -53,7 +54,7 @@ def passable_dir(path: Path) -> None:
 
 
 async def fetch(base_url: str, name: str, sha256: str, directory: Path,
-                tls: Callable[[], ssl.SSLContext]) -> Path:
+                tls: Callable[[], TlsContext]) -> Path:
     """The image ``name`` with digest ``sha256``: from ``directory`` if it is there, else
     downloaded from ``base_url``; raises ImageError."""
     if not IMAGE_NAME.fullmatch(name):
@@ -68,7 +69,7 @@ async def fetch(base_url: str, name: str, sha256: str, directory: Path,
     return await asyncio.to_thread(_download, base_url, name, sha256, path, tls())
 
 
-def _download(base_url: str, name: str, sha256: str, path: Path, tls: ssl.SSLContext) -> Path:
+def _download(base_url: str, name: str, sha256: str, path: Path, tls: TlsContext) -> Path:
     passable_dir(path.parent)
     url = f"{base_url.rstrip('/')}/images/{urllib.parse.quote(name)}"
     partial = path.with_name(f".{sha256}.partial-{os.getpid()}")
@@ -94,7 +95,7 @@ def _download(base_url: str, name: str, sha256: str, path: Path, tls: ssl.SSLCon
             partial.unlink()
 
 
-async def fetch_crl(base_url: str, tls: Callable[[], ssl.SSLContext]) -> str:
+async def fetch_crl(base_url: str, tls: Callable[[], TlsContext]) -> str:
     """The fleet's CRL (PEM) from the image service; raises ImageError."""
     url = f"{base_url.rstrip('/')}/crl"
 

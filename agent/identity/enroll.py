@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import socket
-import ssl
 import tempfile
 import time
 import urllib.error
@@ -51,6 +50,7 @@ from agent.host.hypervisor import Hypervisor, HypervisorError
 from contract.profiles import HostFacts, Profile, default_profiles_dir
 from contract.wire import ProtocolError, to_plain, validate_node_id
 from plumbing import configfile
+from plumbing.tls import TlsContext, pinned_client_context, unverified_client_context
 
 MAX_CLOCK_SKEW_S = 60.0
 
@@ -110,7 +110,7 @@ def _fingerprint(cert: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def _call(url: str, body: dict[str, Any] | None, tls: ssl.SSLContext | None) -> dict[str, Any]:
+def _call(url: str, body: dict[str, Any] | None, tls: TlsContext | None) -> dict[str, Any]:
     req = urllib.request.Request(  # noqa: S310 - the URL is the operator's aggregator
         url, data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST",
@@ -164,9 +164,7 @@ def pinned_ca(base_url: str, fingerprint: str) -> x509.Certificate:
     without trusting the connection: the pin is the trust."""
     unverified = None
     if base_url.startswith("https:"):
-        unverified = ssl.create_default_context()
-        unverified.check_hostname = False
-        unverified.verify_mode = ssl.CERT_NONE
+        unverified = unverified_client_context()
     sent_at = time.time()
     answer = _call(base_url + "/api/v1/ca", None, unverified)
     received_at = time.time()
@@ -346,9 +344,7 @@ def _request_identity(opts: EnrollOptions, key: ec.EllipticCurvePrivateKey,
     pinned = pinned_ca(base_url, opts.ca_fingerprint)
     tls = None
     if base_url.startswith("https:"):  # from here on, trust only the pinned CA
-        tls = ssl.create_default_context(
-            cadata=pinned.public_bytes(serialization.Encoding.PEM).decode()
-        )
+        tls = pinned_client_context(pinned.public_bytes(serialization.Encoding.PEM).decode())
     answer = _call(
         base_url + "/api/v1/enroll",
         {

@@ -173,6 +173,16 @@ def parser() -> argparse.ArgumentParser:
     data_dir(sp)
     sp.set_defaults(func=_cmd_serve)
 
+    _add_token_commands(sub, data_dir)
+    _add_apikey_commands(sub, data_dir)
+    return p
+
+
+DataDir = Callable[[argparse.ArgumentParser], None]
+
+
+def _add_token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                        data_dir: DataDir) -> None:
     tok = sub.add_parser("token", help="enrollment tokens").add_subparsers(dest="action",
                                                                          required=True)
     sp = tok.add_parser("create", help="a one-time token that enrolls one node")
@@ -196,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("id", type=int)
     sp.set_defaults(func=_cmd_token_withdraw)
 
+
+def _add_apikey_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                         data_dir: DataDir) -> None:
     key = sub.add_parser("apikey", help="API bearer tokens").add_subparsers(dest="action",
                                                                            required=True)
     sp = key.add_parser("create", help="a bearer token for a role")
@@ -211,7 +224,6 @@ def parser() -> argparse.ArgumentParser:
     data_dir(sp)
     sp.add_argument("id", type=int)
     sp.set_defaults(func=_cmd_apikey_revoke)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from contract.wire import (
     order_envelope,
     signed_bytes,
 )
+from plumbing.backoff import Backoff
 
 OPEN: Final = states.OPEN
 FINAL: Final = states.FINAL
@@ -45,6 +46,7 @@ FINAL: Final = states.FINAL
 # (aggregator.workloads.moves).
 VM_ACTIONS: Final = ("create", "start", "stop", "reboot", "delete")
 RETRY_MIN_S, RETRY_MAX_S = 2.0, 60.0
+_RETRY: Final = Backoff(RETRY_MIN_S, RETRY_MAX_S)
 ACCEPTED_RECHECK_S: Final = 20.0
 
 Due = repo.Due  # what :func:`due` lists: order_id, node_id, seq, payload
@@ -77,8 +79,7 @@ def retry_delay(attempts: int, jitter: float) -> float:
     """How long an order published ``attempts`` times waits for an answer before it goes out
     again: doubling from :data:`RETRY_MIN_S` up to :data:`RETRY_MAX_S`, times 0.5 to 1 by
     ``jitter`` (0 to 1)."""
-    backoff: float = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (attempts - 1))
-    return backoff * (0.5 + jitter / 2)
+    return _RETRY.delay(attempts - 1, 0.5 + jitter / 2)
 
 
 def mark_sent(conn: Tx, order_ids: list[str], now: float) -> None:

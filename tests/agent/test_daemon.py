@@ -17,7 +17,7 @@ import pytest
 
 from agent import config
 from agent.daemon import Agent
-from agent.uplink import backoff_delay
+from plumbing.backoff import backoff_delay
 from tests.rig import Cutter, Fleet, Process, tweak_config, wait_for
 
 
