@@ -231,14 +231,13 @@ class Aggregator:
             broker_port=cfg.broker.port,
             metrics=self.figures,
             order_public_key=public_key,
-            revoke=self.revocation.revoke,
-            crl_changed=self.revocation.superseded,
+            revocation=self.revocation,
             signer=signer,
             order_ttl_s=cfg.orders.ttl_s,
             images_dir=self.layout.images,
             images_url=f"https://{cfg.images.host}:{cfg.images.port}",
             max_image_bytes=cfg.images.max_bytes,
-            orders_changed=self.orders_due.set,
+            orders_due=self.orders_due,
         )
 
 

@@ -121,16 +121,19 @@ async def api(root_dir: Path, pki: CertificateAuthority,
         " ('si-tower-01', 'ljubljana-tower-7', 'SI', 'telekom-slovenije', 'tower-5g'),"
         " ('at-stolen-01', 'graz-tower-3', 'AT', 'a1-telekom', 'tower-5g')"))
 
-    async def revoke(node: str, actor: str, reason: str) -> dict[str, Any]:
-        # The database half of the service's revocation; the broker half is tested with a
-        # real broker (tests/aggregator/trust/test_trust.py).
-        at = time.time()
-        serials = await store.write(lambda db: trust.revoke_node(db, node, at, actor, reason))
-        return {"node": node, "revoked_at": at, "serials": serials, "reason": reason,
-                "session_dropped": False}
+    class DatabaseRevocation:
+        """The database half of the service's revocation; the broker half is tested with a
+        real broker (tests/aggregator/trust/test_trust.py)."""
 
-    async def crl_changed(node: str) -> None:
-        pass
+        async def revoke(self, node: str, actor: str, reason: str) -> dict[str, Any]:
+            at = time.time()
+            serials = await store.write(
+                lambda db: trust.revoke_node(db, node, at, actor, reason))
+            return {"node": node, "revoked_at": at, "serials": serials, "reason": reason,
+                    "session_dropped": False}
+
+        async def superseded(self, node: str) -> None:
+            pass
 
     order_key = root_dir / "api-order-signing.pub"
     make_order_key(root_dir / "api-order-signing.key", order_key)
@@ -174,8 +177,8 @@ async def api(root_dir: Path, pki: CertificateAuthority,
     services = Services(
         store=store, ca=pki, profiles=profiles, heartbeat_factor=3.0, min_timeout_s=5.0,
         cert_days=1.0, broker_host="127.0.0.1", broker_port=8883, metrics=lambda: {},
-        order_public_key=order_key.read_text(), revoke=revoke,
-        crl_changed=crl_changed, signer=signer, images_dir=root_dir / "api-images",
+        order_public_key=order_key.read_text(), revocation=DatabaseRevocation(), signer=signer,
+        images_dir=root_dir / "api-images",
     )
     client = TestClient(JsonErrorTestServer(make_app(services), host="127.0.0.1"))
     await client.start_server()

@@ -3,12 +3,13 @@ parsing (JSON bodies, query parameters, ids) and who is acting."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -46,6 +47,19 @@ class Route:
     other_bodies: dict[str, Any] = field(default_factory=dict)  # other media types accepted
 
 
+class Revoker(Protocol):
+    """Cutting nodes off (:class:`aggregator.trust.revocation.Revocation`; tests pass a fake
+    with the database half only)."""
+
+    async def revoke(self, node: str, actor: str, reason: str) -> dict[str, Any]:
+        """Revoke a node: its certificates into the CRL, the broker reloaded, its session
+        taken over; what was done."""
+
+    async def superseded(self, node: str) -> None:
+        """The node enrolled again: its earlier certificates are revoked, so renew the CRL and
+        cut off whoever still uses them."""
+
+
 @dataclass
 class Services:
     """What the handlers need; built by the service and stored on the app."""
@@ -60,17 +74,13 @@ class Services:
     broker_port: int
     metrics: Callable[[], dict[str, float]]
     order_public_key: str  # PEM, handed to every node at enrollment
-    # Revoke a node: (node, actor, reason) -> what was done; CRL, broker reload, cut-off.
-    revoke: Callable[[str, str, str], Awaitable[dict[str, Any]]]
-    # A node's earlier certificates were revoked (it enrolled again): renew the CRL and take
-    # over the session of whoever still uses them.
-    crl_changed: Callable[[str], Awaitable[None]]
+    revocation: Revoker
     signer: OrderSigner | None = None  # None: this API cannot order anything
     order_ttl_s: float = 600.0
     images_dir: Path = Path("images")
     images_url: str = ""  # the image service nodes fetch from (https, node certificates)
     max_image_bytes: int = images.MAX_IMAGE_BYTES
-    orders_changed: Callable[[], None] = lambda: None  # wake the dispatcher
+    orders_due: asyncio.Event = field(default_factory=asyncio.Event)  # wakes the dispatcher
 
 
 SERVICES = web.AppKey("services", Services)

@@ -92,7 +92,7 @@ async def revoke_node(request: web.Request) -> web.Response:
     svc = services(request)
     node_id = node_id_of(request)
     reason = await reason_body(request)
-    result = await svc.revoke(node_id, actor_of(request), reason)
+    result = await svc.revocation.revoke(node_id, actor_of(request), reason)
     return web.json_response(result)
 
 
@@ -120,7 +120,7 @@ async def drain_node(request: web.Request) -> web.Response:
     ctx, now, actor = move_context(svc), time.time(), actor_of(request)
     result = await svc.store.write(lambda db: moves.drain(
         db, ctx, node_id, settings, parallel, now, actor))
-    svc.orders_changed()
+    svc.orders_due.set()
     return web.json_response(result, status=202)
 
 

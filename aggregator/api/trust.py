@@ -98,7 +98,7 @@ async def enroll_node(request: web.Request) -> web.Response:
         ))
         raise
     if result.get("re_enrollment"):  # its earlier certificates are revoked: whoever holds
-        await svc.crl_changed(result["node_id"])  # them now is cut off
+        await svc.revocation.superseded(result["node_id"])  # them now is cut off
     result["broker"] = {"host": svc.broker_host, "port": svc.broker_port}
     if svc.images_url:
         result["images_url"] = svc.images_url

@@ -88,7 +88,7 @@ async def create_vm(request: web.Request) -> web.Response:
     signer, now, actor = signer_of(svc), time.time(), actor_of(request)
     result = await svc.store.write(lambda db: vms.create(
         db, signer, req, now, svc.profiles, liveness_of(svc), svc.order_ttl_s, actor))
-    svc.orders_changed()
+    svc.orders_due.set()
     return web.json_response(result, status=202)
 
 
@@ -115,7 +115,7 @@ def vm_action(action: str) -> Handler:
         signer, now, actor = signer_of(svc), time.time(), actor_of(request)
         result = await svc.store.write(lambda db: vms.act(
             db, signer, vms.resolve(db, ref), action, now, svc.order_ttl_s, actor))
-        svc.orders_changed()
+        svc.orders_due.set()
         return web.json_response(result, status=202)
 
     handler.__name__ = f"{action}_vm"
@@ -132,7 +132,7 @@ async def migrate_vm(request: web.Request) -> web.Response:
     ctx, now, actor = move_context(svc), time.time(), actor_of(request)
     result = await svc.store.write(lambda db: moves.start(
         db, ctx, vms.resolve(db, ref), to, settings, now, actor))
-    svc.orders_changed()
+    svc.orders_due.set()
     return web.json_response(result, status=202)
 
 
