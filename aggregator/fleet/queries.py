@@ -1,18 +1,20 @@
-"""Read-side queries over the fleet database; each takes a read connection and returns JSON-able
-data. They run on the store's reader threads (``Store.read``)."""
+"""Read-side queries over the fleet: each takes a transaction handle, reads rows through
+:mod:`aggregator.store.fleet`, and returns JSON-able data (or /metrics' figures); nodes'
+statuses are decided here. They run on the store's reader threads (``Store.read``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import math
 import time
 from typing import Any, Final
 
 from aggregator.fleet import telemetry as fleet
 from aggregator.fleet.figures import LATENCY_BUCKETS_S, FleetFigures, Latency
-from aggregator.store.tx import Row, Tx
+from aggregator.store import fleet as repo
+from aggregator.store import trust as trust_rows
+from aggregator.store.tx import Tx
 from contract.profiles import Profile
 from contract.wire import HostSample, Telemetry, decode, to_plain
 
@@ -20,20 +22,12 @@ from contract.wire import HostSample, Telemetry, decode, to_plain
 HOST_METRICS: Final = tuple(
     f.name for f in dataclasses.fields(HostSample) if f.type in ("float", "int")
 )
-_NODE_COLUMNS = (
-    "id, site, country, provider, profile, enrolled_at, reported_status, status_changed_at,"
-    " last_seen, interval_s, inventory, malformed_messages, telemetry_last_seq, events_last_seq,"
-    " revoked_at, revoked_reason, cordoned"
-)
 
 
 def token_identity(conn: Tx, token_hash: str) -> tuple[int, str, str] | None:
     """``(id, name, role)`` of an unrevoked API token."""
-    row = conn.execute(
-        "SELECT id, name, role FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
-        (token_hash,),
-    ).fetchone()
-    return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
+    token = trust_rows.active_api_token(conn, token_hash)
+    return None if token is None else (token.id, token.name, token.role)
 
 
 def parse_time(raw: str) -> float:
@@ -79,48 +73,48 @@ def _capacity(inventory: dict[str, Any] | None, profile: Profile | None) -> dict
     }
 
 
-def _node(row: Row, now: float, factor: float, min_timeout: float,
+def _status(node: repo.NodeRecord | repo.NodeLiveness, now: float, factor: float,
+            min_timeout: float) -> str:
+    if node.revoked_at is not None:
+        return "revoked"
+    return fleet.node_status(node.reported_status, node.last_seen, node.interval_s, now, factor,
+                             min_timeout)
+
+
+def _node(n: repo.NodeRecord, now: float, factor: float, min_timeout: float,
           profiles: dict[str, Profile]) -> dict[str, Any]:
-    inventory = json.loads(row["inventory"]) if row["inventory"] else None
-    profile = profiles.get(row["profile"])
-    revoked = row["revoked_at"] is not None
+    profile = profiles.get(n.profile)
+    revoked = n.revoked_at is not None
     return {
-        "id": row["id"],
-        "status": "revoked" if revoked else fleet.node_status(
-            row["reported_status"], row["last_seen"], row["interval_s"], now, factor, min_timeout
-        ),
-        "site": row["site"],
-        "country": row["country"],
-        "provider": row["provider"],
-        "profile": row["profile"],
+        "id": n.id,
+        "status": _status(n, now, factor, min_timeout),
+        "site": n.site,
+        "country": n.country,
+        "provider": n.provider,
+        "profile": n.profile,
         "labels": dict(profile.labels) if profile else {},
-        "capacity": _capacity(inventory, profile),
-        "last_seen": row["last_seen"],
-        "last_seen_at": _iso(row["last_seen"]),
-        "enrolled_at": _iso(row["enrolled_at"]),
-        "reported_status": row["reported_status"],
-        "interval_s": row["interval_s"],
-        "cordoned": bool(row["cordoned"]),
-        "revoked_at": _iso(row["revoked_at"]),
-        "revoked_reason": row["revoked_reason"] if revoked else None,
+        "capacity": _capacity(n.inventory, profile),
+        "last_seen": n.last_seen,
+        "last_seen_at": _iso(n.last_seen),
+        "enrolled_at": _iso(n.enrolled_at),
+        "reported_status": n.reported_status,
+        "interval_s": n.interval_s,
+        "cordoned": n.cordoned,
+        "revoked_at": _iso(n.revoked_at),
+        "revoked_reason": n.revoked_reason if revoked else None,
     }
 
 
 def list_nodes(conn: Tx, now: float, factor: float, min_timeout: float,
                profiles: dict[str, Profile]) -> list[dict[str, Any]]:
-    rows = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY id").fetchall()
-    return [_node(r, now, factor, min_timeout, profiles) for r in rows]
+    return [_node(n, now, factor, min_timeout, profiles) for n in repo.nodes(conn)]
 
 
 def status_counts(conn: Tx, now: float, factor: float,
                   min_timeout: float) -> dict[str, int]:
     counts = {"online": 0, "offline": 0, "revoked": 0}
-    for reported, last_seen, interval, revoked_at in conn.execute(
-        "SELECT reported_status, last_seen, interval_s, revoked_at FROM nodes"
-    ):
-        status = "revoked" if revoked_at is not None else fleet.node_status(
-            reported, last_seen, interval, now, factor, min_timeout)
-        counts[status] += 1
+    for node in repo.liveness(conn):
+        counts[_status(node, now, factor, min_timeout)] += 1
     return counts
 
 
@@ -128,37 +122,30 @@ def fleet_figures(conn: Tx, now: float, factor: float,
                   min_timeout: float) -> FleetFigures:
     """What /metrics reads from the database: nodes, orders and moves by state, publishes
     and the order latency histogram (orders are never deleted: the counters only grow)."""
-    orders = dict(conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state").fetchall())
-    moves = dict(conn.execute("SELECT state, COUNT(*) FROM moves GROUP BY state").fetchall())
-    published, retried = conn.execute(
-        "SELECT TOTAL(attempts), TOTAL(max(attempts - 1, 0)) FROM orders").fetchone()
-    under = ", ".join(f"TOTAL(latency_s <= {bound!r})" for bound in LATENCY_BUCKETS_S)
-    *counts, count, total = conn.execute(
-        f"SELECT {under}, COUNT(*), TOTAL(latency_s) FROM orders WHERE latency_s IS NOT NULL"
-    ).fetchone()
+    publishes = repo.order_publishes(conn)
+    latency = repo.order_latency(conn, LATENCY_BUCKETS_S)
     return FleetFigures(
-        nodes=status_counts(conn, now, factor, min_timeout), orders=orders, moves=moves,
-        orders_published=int(published), orders_retried=int(retried),
-        latency=Latency(tuple(int(n) for n in counts), int(count), float(total)))
+        nodes=status_counts(conn, now, factor, min_timeout), orders=repo.orders_by_state(conn),
+        moves=repo.moves_by_state(conn), orders_published=publishes.published,
+        orders_retried=publishes.retried,
+        latency=Latency(latency.under, latency.count, latency.sum_s))
 
 
 def _latest(conn: Tx, node_id: str) -> Telemetry | None:
-    row = conn.execute(
-        "SELECT payload FROM telemetry WHERE node_id = ? ORDER BY seq DESC LIMIT 1", (node_id,)
-    ).fetchone()
-    if row is None:
+    payload = repo.latest_telemetry(conn, node_id)
+    if payload is None:
         return None
-    msg = decode(row[0])
+    msg = decode(payload)
     return msg if isinstance(msg, Telemetry) else None
 
 
 def node_detail(conn: Tx, node_id: str, now: float, factor: float,
                 min_timeout: float, profiles: dict[str, Profile]) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id = ?", (node_id,)).fetchone()
-    if row is None:
+    n = repo.node(conn, node_id)
+    if n is None:
         return None
-    node = _node(row, now, factor, min_timeout, profiles)
-    node["inventory"] = json.loads(row["inventory"]) if row["inventory"] else None
+    node = _node(n, now, factor, min_timeout, profiles)
+    node["inventory"] = n.inventory
     latest = _latest(conn, node_id)
     node["latest"] = None if latest is None else {
         "seq": latest.seq,
@@ -166,76 +153,57 @@ def node_detail(conn: Tx, node_id: str, now: float, factor: float,
         "host": to_plain(latest.host),
     }
     node["vms"] = [] if latest is None else [to_plain(g) for g in latest.guests]
-    if row["revoked_at"] is not None:  # what becomes of them is the operator's decision
+    if n.revoked_at is not None:  # what becomes of them is the operator's decision
         for vm in node["vms"]:
             vm["on_revoked_node"] = True
     node["certificates"] = [
-        {"serial": serial, "kind": kind, "issued_at": _iso(issued), "not_after": _iso(until),
-         "revoked_at": _iso(revoked)}
-        for serial, kind, issued, until, revoked in conn.execute(
-            "SELECT serial, kind, issued_at, not_after, revoked_at FROM certificates"
-            " WHERE node_id = ? ORDER BY issued_at DESC LIMIT 10", (node_id,)
-        )
+        {"serial": c.serial, "kind": c.kind, "issued_at": _iso(c.issued_at),
+         "not_after": _iso(c.not_after), "revoked_at": _iso(c.revoked_at)}
+        for c in repo.certificates(conn, node_id, limit=10)
     ]
     node["sequence"] = {
-        "telemetry_last_seq": row["telemetry_last_seq"],
-        "events_last_seq": row["events_last_seq"],
+        "telemetry_last_seq": n.telemetry_last_seq,
+        "events_last_seq": n.events_last_seq,
     }
-    node["malformed_messages"] = row["malformed_messages"]
+    node["malformed_messages"] = n.malformed_messages
     node["gaps"] = [
-        {"channel": c, "first_seq": a, "last_seq": b, "missing": b - a + 1,
-         "detected_at": _iso(t), "reason": r}
-        for c, a, b, t, r in conn.execute(
-            "SELECT channel, first_seq, last_seq, detected_at, reason FROM gaps"
-            " WHERE node_id = ? ORDER BY channel, first_seq", (node_id,)
-        )
+        {"channel": g.channel, "first_seq": g.first_seq, "last_seq": g.last_seq,
+         "missing": g.last_seq - g.first_seq + 1, "detected_at": _iso(g.detected_at),
+         "reason": g.reason}
+        for g in repo.gaps(conn, node_id)
     ]
     node["events"] = [
-        {"seq": s, "ts": t, "type": k, "vm_uuid": u, "vm_name": n, "summary": m}
-        for s, t, k, u, n, m in conn.execute(
-            "SELECT seq, ts, type, vm_uuid, vm_name, summary FROM events WHERE node_id = ?"
-            " ORDER BY seq DESC LIMIT 50", (node_id,)
-        )
+        {"seq": e.seq, "ts": e.ts, "type": e.type, "vm_uuid": e.vm_uuid, "vm_name": e.vm_name,
+         "summary": e.summary}
+        for e in repo.recent_events(conn, node_id, limit=50)
     ]
     return node
 
 
+def _sample(msg: Telemetry, metrics: list[str]) -> dict[str, Any]:
+    if metrics:
+        return {"seq": msg.seq, "ts": msg.ts,
+                "values": {m: getattr(msg.host, m) for m in metrics}}
+    return {"seq": msg.seq, "ts": msg.ts, "host": to_plain(msg.host),
+            "vms": [to_plain(g) for g in msg.guests]}
+
+
 def telemetry(conn: Tx, node_id: str, since: float | None, until: float | None,
               metrics: list[str], limit: int) -> dict[str, Any] | None:
-    if conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is None:
+    if not repo.node_exists(conn, node_id):
         return None
     until = time.time() if until is None else until
     since = until - 3600 if since is None else since
-    rows = conn.execute(
-        "SELECT payload FROM (SELECT seq, payload FROM telemetry WHERE node_id = ? AND ts >= ?"
-        " AND ts <= ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-        (node_id, since, until, limit),
-    ).fetchall()
     samples = []
-    for (payload,) in rows:
+    for payload in repo.telemetry(conn, node_id, since, until, limit):
         msg = decode(payload)
-        if not isinstance(msg, Telemetry):
-            continue
-        if metrics:
-            samples.append({
-                "seq": msg.seq, "ts": msg.ts,
-                "values": {m: getattr(msg.host, m) for m in metrics},
-            })
-        else:
-            samples.append({
-                "seq": msg.seq, "ts": msg.ts, "host": to_plain(msg.host),
-                "vms": [to_plain(g) for g in msg.guests],
-            })
+        if isinstance(msg, Telemetry):
+            samples.append(_sample(msg, metrics))
     wanted = [m for m in metrics if m in fleet.ROLLUP_METRICS] if metrics else fleet.ROLLUP_METRICS
-    placeholders = ",".join("?" * len(wanted))
     rollups = [
-        {"bucket_start": b, "metric": m, "count": n, "min": lo, "max": hi, "avg": s / n}
-        for b, m, n, lo, hi, s in conn.execute(
-            "SELECT bucket_start, metric, count, min, max, sum FROM telemetry_rollup"
-            f" WHERE node_id = ? AND bucket_start >= ? AND bucket_start <= ?"
-            f" AND metric IN ({placeholders}) ORDER BY bucket_start, metric",
-            (node_id, since, until, *wanted),
-        )
-    ] if wanted else []
+        {"bucket_start": r.bucket_start, "metric": r.metric, "count": r.count, "min": r.min,
+         "max": r.max, "avg": r.sum / r.count}
+        for r in repo.rollups(conn, node_id, since, until, wanted)
+    ]
     return {"node": node_id, "since": since, "until": until, "samples": samples,
             "rollups": rollups}

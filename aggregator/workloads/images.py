@@ -1,6 +1,7 @@
 """The fleet's images: registered from a file on the aggregator or uploaded, kept by digest in
 the data directory, and served to nodes over HTTPS that requires a node certificate from the
-fleet CA (not revoked: the CRL is checked), whatever the operators' API listens on."""
+fleet CA (not revoked: the CRL is checked), whatever the operators' API listens on. Their
+records are read and written through :mod:`aggregator.store.images`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aggregator.errors import Refused
+from aggregator.store import images as repo
 from aggregator.store.tx import Tx
 
 IMAGE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -146,21 +148,19 @@ def _keep(tmp: Path, sha256: str, directory: Path) -> tuple[str, int, Path]:
 
 def register(conn: Tx, name: str, fmt: str, sha256: str, size: int,
              path: Path, now: float) -> dict[str, Any]:
-    existing = conn.execute("SELECT sha256 FROM images WHERE name = ?", (name,)).fetchone()
-    if existing is not None and existing[0] != sha256:
+    existing = repo.find_image(conn, name)
+    if existing is not None and existing.sha256 != sha256:
         raise Refused("name_taken", f"an image {name!r} with other content exists: images are"
                       " immutable, pick a new name", 409)
-    conn.execute("INSERT OR IGNORE INTO images (name, format, size, sha256, path, created_at)"
-                 " VALUES (?, ?, ?, ?, ?, ?)", (name, fmt, size, sha256, str(path), now))
+    repo.add_image(conn, repo.Image(name, fmt, size, sha256, str(path), now))
     return {"name": name, "format": fmt, "size": size, "sha256": sha256}
 
 
 def list_images(conn: Tx) -> list[dict[str, Any]]:
-    return [{"name": n, "format": f, "size": s, "sha256": h, "created_at": c}
-            for n, f, s, h, c in conn.execute(
-                "SELECT name, format, size, sha256, created_at FROM images ORDER BY name")]
+    return [{"name": i.name, "format": i.format, "size": i.size, "sha256": i.sha256,
+             "created_at": i.created_at} for i in repo.images(conn)]
 
 
 def path_of(conn: Tx, name: str) -> Path | None:
-    row = conn.execute("SELECT path FROM images WHERE name = ?", (name,)).fetchone()
-    return None if row is None else Path(row[0])
+    image = repo.find_image(conn, name)
+    return None if image is None else Path(image.path)

@@ -17,10 +17,12 @@ fleet wants failure isolation and room for bursts, not packed hosts), and a node
 any one resource is chosen last. Ties go to the smallest node id, so a decision is
 deterministic.
 
-``load_nodes`` is the I/O edge: it reads the fleet from SQLite (schema in
-``aggregator/store/schema.py``) into :class:`NodeView`s. Call it and ``place`` in the same
-transaction as the write that commits the decision (the store's writer), so two requests
-cannot both take the last free memory of a node.
+``load_nodes`` (every node in a policy's scope, or in the fleet) and ``shortlist`` (a create's
+best few, found by SQL) are the I/O edge: they read the fleet through
+:mod:`aggregator.store.placement` and turn its rows into :class:`NodeView`s (status, capacity
+less the profile's reservations, labels). Call one and ``place`` in the same transaction as
+the write that commits the decision (the store's writer), so two requests cannot both take the
+last free memory of a node.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from aggregator.fleet import telemetry as fleet
+from aggregator.store import placement as repo
 from aggregator.store.tx import Tx
 from contract.profiles import MAX_CPUS, MAX_DISK_GIB, MAX_MEMORY_MIB, PROFILE_NAME, Profile
 
@@ -379,7 +382,7 @@ def place(demand: Demand, nodes: Iterable[NodeView], *, cpu_overcommit: float = 
     return Decision(tuple(candidates), tuple(rejected))
 
 
-# --- the fleet from SQLite ------------------------------------------------------------------------
+# --- the fleet, read through the store ---------------------------------------------------------
 
 
 @lru_cache(maxsize=1 << 18)  # a fleet of 100,000 nodes: ~100 MB of texts
@@ -402,26 +405,21 @@ def _figures(inventory: str | None, facts: str | None) -> tuple[int, int, int]:
     return cpus, memory_mib, disk_gib
 
 
-def _scope(policy: Policy, profiles: Mapping[str, Profile]) -> tuple[str, list[object]]:
-    """A WHERE clause keeping only the nodes inside the policy's countries, providers, sites
-    and profile (labels are the profile's: they become a list of profiles)."""
-    terms: list[str] = []
-    params: list[object] = []
-    for column, values in (("country", policy.countries), ("provider", policy.providers),
-                           ("site", policy.sites)):
-        if values:
-            terms.append(f"nodes.{column} IN ({', '.join('?' * len(values))})")
-            params.extend(values)
-    allowed: list[str] | None = None
+def _scope(policy: Policy, profiles: Mapping[str, Profile]) -> repo.Scope:
+    """The nodes inside the policy's countries, providers, sites and profile (labels are the
+    profile's: they become a list of profiles)."""
+    allowed: tuple[str, ...] | None = None
     if policy.labels:
-        allowed = sorted(name for name, p in profiles.items()
-                         if all(p.labels.get(k) == v for k, v in policy.labels.items()))
+        allowed = tuple(sorted(name for name, p in profiles.items()
+                               if all(p.labels.get(k) == v for k, v in policy.labels.items())))
     if policy.profile is not None:
-        allowed = [policy.profile] if allowed is None or policy.profile in allowed else []
-    if allowed is not None:
-        terms.append(f"nodes.profile IN ({', '.join('?' * len(allowed))})")
-        params.extend(allowed)
-    return (" WHERE " + " AND ".join(terms) if terms else ""), params
+        allowed = (policy.profile,) if allowed is None or policy.profile in allowed else ()
+    return repo.Scope(policy.countries, policy.providers, policy.sites, allowed)
+
+
+def _reservations(profiles: Mapping[str, Profile]) -> list[repo.Reservation]:
+    return [repo.Reservation(name, p.reserved.cpus, p.reserved.memory_mib)
+            for name, p in profiles.items()]
 
 
 def load_nodes(
@@ -444,27 +442,18 @@ def load_nodes(
     are the profile's. Committed figures sum the VMs with ``deleted_at`` unset; VMs of a node
     that has gone are ignored. ``groups`` holds only the demand's own anti-affinity group
     (where a VM of it runs): the only group ``place`` looks at."""
-    where, params = _scope(demand.policy, profiles) if push_down else ("", [])
-    # node_usage: the committed figures, kept by triggers on vms (migration 004).
-    used: dict[str, tuple[int, int, int]] = {
-        node: (v, m, d) for node, v, m, d in conn.execute(
-            "SELECT u.node_id, u.vcpus, u.memory_mib, u.disk_gib FROM nodes"
-            f" JOIN node_usage u ON u.node_id = nodes.id{where}", params)
-    }
-    grouped: set[str] = set()
+    scope = _scope(demand.policy, profiles) if push_down else repo.EVERY_NODE
+    used = repo.usage(conn, scope)  # node_usage: kept by triggers on vms (migration 004)
     group = demand.policy.anti_affinity
-    if group is not None:
-        grouped = _group_nodes(conn, group)
+    grouped = repo.group_nodes(conn, group) if group is not None else frozenset()
     in_group = frozenset((group,)) if group is not None else frozenset()
     no_group: frozenset[str] = frozenset()
-    nothing = (0, 0, 0)
+    nothing: repo.Usage = (0, 0, 0)
     node_status = fleet.node_status
     kept: dict[str, tuple[int, int, Mapping[str, str]]] = {}  # profile -> reservations, labels
     out: list[NodeView] = []
     for (node_id, site, country, provider, profile, reported, last_seen, interval_s, revoked_at,
-         cordoned, inventory, facts) in conn.execute(
-            "SELECT id, site, country, provider, profile, reported_status, last_seen,"
-            f" interval_s, revoked_at, cordoned, inventory, facts FROM nodes{where}", params):
+         cordoned, inventory, facts) in repo.nodes(conn, scope):
         reserve = kept.get(profile)
         if reserve is None:
             p = profiles.get(profile)
@@ -484,23 +473,10 @@ def load_nodes(
     return out
 
 
-def _group_nodes(conn: Tx, group: str) -> set[str]:
-    """The nodes that hold a VM of anti-affinity ``group``, or are receiving one (a move)."""
-    return {node for (node,) in conn.execute(
-        "SELECT node_id FROM vms WHERE anti_affinity = ? AND deleted_at IS NULL AND node_id IS"
-        " NOT NULL UNION SELECT m.dest FROM moves m JOIN vms v ON v.id = m.vm_id WHERE"
-        " v.anti_affinity = ? AND m.finished_at IS NULL AND m.dest != ''", (group, group))}
-
-
 def sync_reservations(conn: Tx, profiles: Mapping[str, Profile]) -> None:
     """Write the profiles' host reservations where the headroom triggers read them (at the
     aggregator's start: profiles are files and may have changed)."""
-    for name, p in profiles.items():
-        conn.execute(
-            "INSERT INTO profile_reservations (profile, cpus, memory_mib) VALUES (?, ?, ?)"
-            " ON CONFLICT (profile) DO UPDATE SET cpus = excluded.cpus, memory_mib ="
-            " excluded.memory_mib WHERE cpus != excluded.cpus OR memory_mib !="
-            " excluded.memory_mib", (name, p.reserved.cpus, p.reserved.memory_mib))
+    repo.save_reservations(conn, _reservations(profiles))
 
 
 def shortlist(
@@ -511,53 +487,26 @@ def shortlist(
     """Up to ``limit`` nodes that can take ``demand``, the emptiest first: the fast path of a
     create, which needs a good node, not an account of every other. SQL walks the online
     nodes by the headroom the triggers keep (migration 005) and stops after ``limit`` that
-    pass the same rules as :func:`place`; the create then ranks them with :func:`place` (the
-    authority) by the room each keeps after taking the VM. Headroom before the VM and room
-    after it rank nodes alike except between nodes of very different sizes, so the node
-    chosen is the best of the emptiest ``limit``. Nodes that fail are not returned:
-    :func:`load_nodes` with ``push_down=False`` explains them. Fleet-wide, SQL is told to
-    walk the headroom index (the planner would rather sort every node); a located policy
-    leaves the choice to the planner (its location index is the smaller walk)."""
-    where, params = _scope(demand.policy, profiles)
-    scope = where.replace(" WHERE ", " AND ", 1)
-    reserved = [(name, p.reserved.cpus, p.reserved.memory_mib) for name, p in profiles.items()]
-    values = ", ".join("(?, ?, ?)" for _ in reserved) or "(NULL, 0, 0)"
+    pass the same rules as :func:`place` (:func:`aggregator.store.placement.roomiest`); the
+    create then ranks them with :func:`place` (the authority) by the room each keeps after
+    taking the VM. Headroom before the VM and room after it rank nodes alike except between
+    nodes of very different sizes, so the node chosen is the best of the emptiest ``limit``.
+    Nodes that fail are not returned: :func:`load_nodes` with ``push_down=False`` explains
+    them."""
     group = demand.policy.anti_affinity
-    # Allocatable figures: the host's minus its profile's reservations.
-    mem = "max(n.cap_memory_mib - coalesce(r.memory_mib, 0), 0)"
-    cpus = "max(n.cap_cpus - coalesce(r.cpus, 0), 0)"
-    cpu_limit = f"CAST({cpus} * ? AS INTEGER)"
-    used_m, used_c, used_d = ("coalesce(u.memory_mib, 0)", "coalesce(u.vcpus, 0)",
-                              "coalesce(u.disk_gib, 0)")
-    sql = f"""
-        WITH r(profile, cpus, memory_mib) AS (VALUES {values})
-        SELECT n.id, n.site, n.country, n.provider, n.profile, {cpus}, {mem}, n.cap_disk_gib,
-               {used_c}, {used_m}, {used_d}
-        FROM nodes n {"" if scope else "INDEXED BY nodes_headroom"}
-             LEFT JOIN node_usage u ON u.node_id = n.id
-             LEFT JOIN r ON r.profile = n.profile
-        WHERE n.revoked_at IS NULL AND n.cordoned = 0 AND n.reported_status = 'online'
-          AND n.last_seen IS NOT NULL AND ? - n.last_seen <= max(n.interval_s * ?, ?)
-          AND {mem} - {used_m} >= ? AND {mem} > 0
-          AND {cpu_limit} - {used_c} >= ? AND {cpu_limit} > 0
-          AND (n.cap_disk_gib = 0 OR n.cap_disk_gib - {used_d} >= ?)
-          {scope.replace("nodes.", "n.")}
-        ORDER BY n.headroom DESC, n.id LIMIT ?"""
-    d = demand
-    args: list[object] = [x for row in reserved for x in row]
-    args += [now, heartbeat_factor, min_timeout_s,  # online
-             d.memory_mib, cpu_overcommit, d.vcpus, cpu_overcommit, d.disk_gib]  # room
     # Nodes that run a VM of the demand's anti-affinity group: a few, found through an index
     # and left out here (cheaper than a subquery per node).
-    taken: set[str] = set()
-    if group is not None:
-        taken = _group_nodes(conn, group)
-    args += [*params, limit + len(taken)]
+    taken = repo.group_nodes(conn, group) if group is not None else frozenset()
+    rows = repo.roomiest(
+        conn, _scope(demand.policy, profiles), _reservations(profiles), vcpus=demand.vcpus,
+        memory_mib=demand.memory_mib, disk_gib=demand.disk_gib, cpu_overcommit=cpu_overcommit,
+        now=now, heartbeat_factor=heartbeat_factor, min_timeout_s=min_timeout_s,
+        limit=limit + len(taken))
     labels = {name: MappingProxyType(dict(p.labels)) for name, p in profiles.items()}
     empty: Mapping[str, str] = MappingProxyType({})
     return [
         NodeView(node_id, "online", False, country, provider, site, profile,
                  labels.get(profile, empty), c, m, disk, uc, um, ud, frozenset())
-        for (node_id, site, country, provider, profile, c, m, disk, uc, um, ud)
-        in conn.execute(sql, args) if node_id not in taken
+        for (node_id, site, country, provider, profile, c, m, disk, uc, um, ud) in rows
+        if node_id not in taken
     ][:limit]

@@ -3,12 +3,13 @@
 Placement and the order that follows run on the store's writer thread, so what one request
 commits is counted by the next: two concurrent requests never overbook a node. A VM's
 ``desired_state`` is what the operator asked; its ``actual_state`` comes from the node
-(order results and libvirt lifecycle events), never guessed.
+(order results and libvirt lifecycle events), never guessed. VMs are read and written through
+:mod:`aggregator.store.vms` (and images looked up through :mod:`aggregator.store.images`); this
+module decides.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from typing import Any, Final
 
 from aggregator.errors import Refused
 from aggregator.fleet import telemetry as fleet
+from aggregator.store import images as stored_images
+from aggregator.store import vms as repo
 from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.trust.pki import OrderSigner
@@ -30,6 +33,7 @@ UUID_SHAPE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}
 RECONCILE_COOLDOWN_S: Final = 60.0  # a VM paused again after a start is left a minute
 ACTIONS: Final = {"start": "running", "stop": "stopped", "reboot": "running",
                   "delete": "deleted"}
+NOT_RUNNING: Final = ("paused", "shut off", "crashed")  # states a reconcile starts again from
 
 
 @dataclass(frozen=True)
@@ -132,14 +136,14 @@ _BOOT_FORMATS: Final = {"image": ("raw", "qcow2"), "kernel": ("kernel",),
 def _image(conn: Tx, name: str, role: str) -> str:
     if not name:
         return ""
-    row = conn.execute("SELECT sha256, format FROM images WHERE name = ?", (name,)).fetchone()
-    if row is None:
+    image = stored_images.find_image(conn, name)
+    if image is None:
         raise Refused("unknown_image", f"no image {name!r}: register it (POST /api/v1/images)",
                       400)
-    if row[1] not in _BOOT_FORMATS[role]:
-        raise Refused("wrong_image_format", f"boot.{role}: {name!r} is a {row[1]} image, not"
-                      f" {' or '.join(_BOOT_FORMATS[role])}")
-    return str(row[0])
+    if image.format not in _BOOT_FORMATS[role]:
+        raise Refused("wrong_image_format", f"boot.{role}: {name!r} is a {image.format} image,"
+                      f" not {' or '.join(_BOOT_FORMATS[role])}")
+    return image.sha256
 
 
 def create(conn: Tx, signer: OrderSigner, req: VmRequest, now: float,
@@ -147,8 +151,7 @@ def create(conn: Tx, signer: OrderSigner, req: VmRequest, now: float,
            actor: str) -> dict[str, Any]:
     """Place the VM and order it created there; 409 with every node's reasons if it fits
     nowhere."""
-    if conn.execute("SELECT 1 FROM vms WHERE name = ? AND deleted_at IS NULL",
-                    (req.name,)).fetchone():
+    if repo.name_in_use(conn, req.name):
         raise Refused("name_taken", f"a VM named {req.name!r} exists", 409)
     digests = {key: _image(conn, getattr(req, key), key) for key in ("image", "kernel", "initrd")}
     demand = req.demand()
@@ -168,14 +171,11 @@ def create(conn: Tx, signer: OrderSigner, req: VmRequest, now: float,
         initrd_sha256=digests["initrd"], cmdline=req.cmdline,
         countries=p.countries, providers=p.providers,
     )
-    conn.execute(
-        "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec, anti_affinity,"
-        " desired_state, actual_state, created_at, updated_at, vm_spec, on_node_loss) VALUES"
-        " (?, ?, ?, ?, ?, ?, ?, ?, 'running', 'pending', ?, ?, ?, ?)",
-        (vm_id, req.name, node_id, req.vcpus, req.memory_mib, req.disk_gib,
-         json.dumps(req.to_json()), p.anti_affinity, now, now, json.dumps(to_plain(spec)),
-         req.on_node_loss),
-    )
+    repo.insert_vm(conn, repo.NewVm(
+        id=vm_id, name=req.name, node_id=node_id, vcpus=req.vcpus, memory_mib=req.memory_mib,
+        disk_gib=req.disk_gib, request=req.to_json(), spec=to_plain(spec),
+        anti_affinity=p.anti_affinity, on_node_loss=req.on_node_loss,
+        desired_state="running", actual_state="pending", created_at=now))
     order_id = orders.issue(conn, signer, node_id, vm_id, "create", now, ttl_s, vm=spec)
     audit(conn, now, actor, "vm.create", vm_id, name=req.name, node=node_id, order=order_id)
     return {"id": vm_id, "node": node_id, "order": order_id}
@@ -183,70 +183,61 @@ def create(conn: Tx, signer: OrderSigner, req: VmRequest, now: float,
 
 def act(conn: Tx, signer: OrderSigner, vm_id: str, action: str, now: float,
         ttl_s: float, actor: str) -> dict[str, Any]:
-    row = conn.execute("SELECT node_id, desired_state FROM vms WHERE id = ? AND deleted_at IS"
-                       " NULL", (vm_id,)).fetchone()
-    if row is None:
+    vm = repo.vm_state(conn, vm_id)
+    if vm is None:
         raise Refused("not_found", f"no VM {vm_id!r}", 404)
-    node_id, desired = row
-    moving = conn.execute("SELECT id FROM moves WHERE vm_id = ? AND finished_at IS NULL",
-                          (vm_id,)).fetchone()
+    node_id = vm.node_id
+    moving = repo.open_move(conn, vm_id)
     if moving is not None:
-        raise Refused("moving", f"the VM is being moved ({moving[0]}): try again when the"
+        raise Refused("moving", f"the VM is being moved ({moving}): try again when the"
                       " move ends", 409)
     if node_id is None:  # its create failed: nothing runs anywhere
         if action == "delete":
-            conn.execute("UPDATE vms SET desired_state = 'deleted', deleted_at = ?,"
-                         " actual_state = 'deleted', updated_at = ? WHERE id = ?",
-                         (now, now, vm_id))
+            repo.mark_deleted(conn, vm_id, now)
             audit(conn, now, actor, "vm.delete", vm_id)
             return {"id": vm_id, "node": None, "order": None}
         raise Refused("not_placed", "the VM is on no node (its creation failed): delete it",
                       409)
-    if desired == "deleted":
-        last = conn.execute(
-            "SELECT id, state FROM orders WHERE vm_id = ? AND action = 'delete' ORDER BY seq"
-            " DESC LIMIT 1", (vm_id,)).fetchone()
-        if last is not None and last[1] not in ("failed", "expired"):
+    if vm.desired_state == "deleted":
+        last = repo.last_order(conn, vm_id, "delete")
+        if last is not None and last.state not in ("failed", "expired"):
             if action == "delete":  # asked again while it runs: the same order
-                return {"id": vm_id, "node": node_id, "order": last[0]}
+                return {"id": vm_id, "node": node_id, "order": last.id}
             raise Refused("deleting", "the VM is being deleted", 409)
         # The last delete failed or expired: any order may follow, a delete again included.
     order_id = orders.issue(conn, signer, node_id, vm_id, action, now, ttl_s,
                             params={"vm_uuid": vm_id})
-    conn.execute("UPDATE vms SET desired_state = ?, updated_at = ? WHERE id = ?",
-                 (ACTIONS[action], now, vm_id))
+    repo.set_desired_state(conn, vm_id, ACTIONS[action], now)
     audit(conn, now, actor, f"vm.{action}", vm_id, node=node_id, order=order_id)
     return {"id": vm_id, "node": node_id, "order": order_id}
 
 
-_VM_COLUMNS = ("v.id, v.name, v.node_id, v.vcpus, v.memory_mib, v.disk_gib, v.spec,"
-               " v.desired_state, v.actual_state, v.state_reason, v.created_at, v.updated_at,"
-               " n.reported_status, n.last_seen, n.interval_s, n.revoked_at")
-_VM_FROM = "vms v LEFT JOIN nodes n ON n.id = v.node_id"
+def _node_online(row: repo.VmRow, now: float, live: Liveness) -> bool:
+    if row.node_reported_status is None or row.node_interval_s is None:  # the node has gone
+        return False
+    return fleet.node_status(row.node_reported_status, row.node_last_seen, row.node_interval_s,
+                             now, live.heartbeat_factor, live.min_timeout_s) == "online"
 
 
-def _vm(row: tuple[Any, ...], now: float, live: Liveness) -> dict[str, Any]:
-    (vm_id, name, node, vcpus, memory, disk, spec, desired, actual, reason, created,
-     updated, reported, last_seen, interval_s, revoked_at) = row
-    if node is not None and actual != "deleted":
+def _vm(row: repo.VmRow, now: float, live: Liveness) -> dict[str, Any]:
+    actual, reason = row.actual_state, row.state_reason
+    if row.node_id is not None and actual != "deleted":
         # What the node last said is only as good as the node: one that stopped reporting
         # (or was revoked) cannot vouch for its VMs.
-        if revoked_at is not None:
+        if row.node_revoked_at is not None:
             actual, reason = "unknown", f"on a revoked node (last known: {actual})"
-        elif fleet.node_status(reported, last_seen, interval_s, now, live.heartbeat_factor,
-                               live.min_timeout_s) != "online":
+        elif not _node_online(row, now, live):
             actual, reason = "unknown", f"its node is offline (last known: {actual})"
-    return {"id": vm_id, "name": name, "node": node, "vcpus": vcpus, "memory_mib": memory,
-            "disk_gib": disk, "spec": json.loads(spec), "desired_state": desired,
-            "actual_state": actual, "state_reason": reason, "created_at": created,
-            "updated_at": updated}
+    return {"id": row.id, "name": row.name, "node": row.node_id, "vcpus": row.vcpus,
+            "memory_mib": row.memory_mib, "disk_gib": row.disk_gib, "spec": row.request,
+            "desired_state": row.desired_state, "actual_state": actual,
+            "state_reason": reason, "created_at": row.created_at,
+            "updated_at": row.updated_at}
 
 
 def get(conn: Tx, vm_id: str, now: float, live: Liveness
         ) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM {_VM_FROM} WHERE (v.id = ? OR v.name = ?)"
-                       " AND v.deleted_at IS NULL ORDER BY v.created_at DESC LIMIT 1",
-                       (vm_id, vm_id)).fetchone()
+    row = repo.find_vm(conn, vm_id)
     if row is None:
         return None
     vm = _vm(row, now, live)
@@ -256,12 +247,7 @@ def get(conn: Tx, vm_id: str, now: float, live: Liveness
 
 def list_vms(conn: Tx, node: str, now: float, live: Liveness
              ) -> list[dict[str, Any]]:
-    sql = f"SELECT {_VM_COLUMNS} FROM {_VM_FROM} WHERE v.deleted_at IS NULL"
-    args: list[Any] = []
-    if node:
-        sql += " AND v.node_id = ?"
-        args.append(node)
-    return [_vm(r, now, live) for r in conn.execute(sql + " ORDER BY v.name", args)]
+    return [_vm(r, now, live) for r in repo.live_vms(conn, node or None)]
 
 
 def reconcile(conn: Tx, signer: OrderSigner, now: float, live: Liveness,
@@ -271,48 +257,52 @@ def reconcile(conn: Tx, signer: OrderSigner, now: float, live: Liveness,
     past its lease; off after a host restart or a failed cold move; stopped by its guest) is
     started again, at most once a minute. Returns the orders issued."""
     issued = []
-    rows = conn.execute(
-        "SELECT v.id, v.node_id, n.reported_status, n.last_seen, n.interval_s FROM vms v"
-        " JOIN nodes n ON n.id = v.node_id WHERE v.deleted_at IS NULL AND v.desired_state ="
-        " 'running' AND v.actual_state IN ('paused', 'shut off', 'crashed') AND"
-        " n.revoked_at IS NULL AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.vm_id = v.id"
-        " AND (o.state IN ('pending', 'sent', 'accepted') OR (o.action = 'start' AND"
-        " o.created_at > ?))) AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.vm_id = v.id AND"
-        " m.finished_at IS NULL)",
-        (now - RECONCILE_COOLDOWN_S,)).fetchall()
-    for vm_id, node_id, reported, last_seen, interval_s in rows:
-        if fleet.node_status(reported, last_seen, interval_s, now, live.heartbeat_factor,
-                             live.min_timeout_s) != "online":
+    idle = repo.idle_vms(conn, actual_states=NOT_RUNNING, open_order_states=orders.OPEN,
+                         no_start_since=now - RECONCILE_COOLDOWN_S)
+    for vm in idle:
+        if fleet.node_status(vm.node_reported_status, vm.node_last_seen, vm.node_interval_s,
+                             now, live.heartbeat_factor, live.min_timeout_s) != "online":
             continue
-        order_id = orders.issue(conn, signer, node_id, vm_id, "start", now, ttl_s,
-                                params={"vm_uuid": vm_id})
-        audit(conn, now, "aggregator", "vm.reconcile", vm_id, node=node_id, order=order_id,
+        order_id = orders.issue(conn, signer, vm.node_id, vm.id, "start", now, ttl_s,
+                                params={"vm_uuid": vm.id})
+        audit(conn, now, "aggregator", "vm.reconcile", vm.id, node=vm.node_id, order=order_id,
               reason="not running, should run")
         issued.append(order_id)
     return issued
 
 
+def _specs(conn: Tx, vm_id: str) -> repo.VmSpecs:
+    specs = repo.vm_specs(conn, vm_id)
+    if specs is None:  # callers pass a VM they found: our bug
+        raise LookupError(f"no VM {vm_id!r}")
+    return specs
+
+
 def spec_of(conn: Tx, vm_id: str) -> VmSpec:
     """The VmSpec a VM was ordered with (for a move or a restart elsewhere)."""
-    (plain,) = conn.execute("SELECT vm_spec FROM vms WHERE id = ?", (vm_id,)).fetchone()
-    if plain is None:
+    fields = _specs(conn, vm_id).spec
+    if fields is None:
         raise Refused("no_spec", "the VM was created before this aggregator kept VM specs:"
                       " it cannot be moved", 409)
-    fields = json.loads(plain)
+    fields = dict(fields)
     for name in ("countries", "providers"):
         fields[name] = tuple(fields.get(name, ()))
     return VmSpec(**fields)
 
 
 def request_of(conn: Tx, vm_id: str) -> VmRequest:
-    (spec,) = conn.execute("SELECT spec FROM vms WHERE id = ?", (vm_id,)).fetchone()
-    return VmRequest.from_json(json.loads(spec))
+    return VmRequest.from_json(_specs(conn, vm_id).request)
 
 
 def resolve(conn: Tx, ref: str) -> str:
     """A VM's id from its id or its name; 404 otherwise."""
-    row = conn.execute("SELECT id FROM vms WHERE (id = ? OR name = ?) AND deleted_at IS NULL",
-                       (ref, ref)).fetchone()
-    if row is None:
+    vm_id = repo.live_vm_id(conn, ref)
+    if vm_id is None:
         raise Refused("not_found", f"no VM {ref!r}", 404)
-    return str(row[0])
+    return vm_id
+
+
+def resolve_any(conn: Tx, ref: str) -> str | None:
+    """The id of the newest VM with id or name ``ref``, deleted or not (its residency record
+    outlives it); None if there never was one."""
+    return repo.newest_vm_id(conn, ref)
