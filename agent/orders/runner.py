@@ -20,13 +20,13 @@ import asyncio
 import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from agent.host import images
 from agent.host.domainxml import DomainSpecError
 from agent.host.hypervisor import Hypervisor, HypervisorError
-from agent.orders import fencing, lifecycle, migrate, recovery, upkeep
+from agent.orders import fencing, lifecycle, recovery, upkeep
 from agent.orders.context import Context, Job
 from agent.orders.errors import OrderKeyError, Refused
 from agent.orders.handlers import handler_of, job_of
@@ -333,16 +333,3 @@ class OrderRunner:
         wants = await self._journal.desired()
         observed = await upkeep.observe(hv, fencing.to_fence(wants), "pause")
         return await upkeep.fence(hv, self._journal, fencing.plan_fence(wants, observed, now))
-
-
-# Kept for tests/aggregator/workloads/test_moves_unit.py, which reads them here (they belong
-# to migrate.py now).
-DEFAULT_MIGRATION_TIMEOUT_S: Final = migrate.DEFAULT_MIGRATION_TIMEOUT_S
-_files_of = migrate.files_of
-_has_backing = migrate.has_backing
-
-
-def _limits(params: Mapping[str, object]) -> dict[str, Any]:
-    """A migrate order's limits from its raw parameters (as migrate.migration_limits)."""
-    return migrate.migration_limits(*(params.get(k) for k in (
-        "max_downtime_ms", "bandwidth_mib_s", "auto_converge", "postcopy", "timeout_s")))

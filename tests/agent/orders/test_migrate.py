@@ -80,14 +80,22 @@ def test_limits_of_a_migrate_order(params: MigrateParams, limits: dict[str, Any]
 @pytest.mark.parametrize(("transport", "peer", "uri"), [
     ("tls", "10.250.0.7", "qemu+tls://10.250.0.7/system"),
     ("tls", "fd00::7", "qemu+tls://[fd00::7]/system"),
+    ("tls", "node-7.fleet.example", "qemu+tls://node-7.fleet.example/system"),
+    ("tcp", "10.250.0.7", "qemu+tcp://10.250.0.7/system"),
+    ("tcp", "fd00::7", "qemu+tcp://[fd00::7]/system"),
     ("tcp", "node-7.fleet.example", "qemu+tcp://node-7.fleet.example/system"),
 ])
 def test_migration_uri_of_a_peer(transport: str, peer: str, uri: str) -> None:
     assert Migration(address="10.250.0.1", transport=transport).uri(peer) == uri
 
 
-@pytest.mark.parametrize("peer", ["", "a/b", "node:16514"])
+@pytest.mark.parametrize("peer", ["", "a/b", "10.0.0.7?x", "node:16514"])
 def test_a_bad_peer_address_refuses_the_order(peer: str) -> None:
     with pytest.raises(Refused, match=r"the destination's migration address: .* is not a"
                                       r" host address"):
         Migration().uri(peer)
+
+
+def test_a_bad_transport_refuses_the_order() -> None:
+    with pytest.raises(Refused, match="transport 'ssh' is not tls or tcp"):
+        Migration(transport="ssh").uri("10.250.0.7")

@@ -25,7 +25,7 @@ from agent.host.domainxml import (
     vm_name_from_metadata,
 )
 from agent.host.images import ImageError, backing_file
-from agent.orders import runner as orders
+from agent.orders import migrate
 from aggregator.errors import Refused
 from aggregator.trust.pki import MAX_ALT_NAMES, CertificateAuthority, NodeAttributes, PkiError
 from aggregator.workloads.moves import MoveSettings
@@ -119,96 +119,6 @@ def test_retarget_refuses_a_path_a_destination_cannot_use(paths: dict[str, str],
     assert caught.value.field == "paths"
 
 
-# --- the source's view of a migrate order ------------------------------------------------------
-
-
-def test_files_of_a_guest_by_role() -> None:
-    assert orders._files_of(full_xml()) == {
-        "disk": DISK, "kernel": KERNEL, "initrd": INITRD, "serial": SERIAL}
-
-
-def test_files_of_a_guest_that_has_only_some() -> None:
-    xml = domain_xml(spec(), domain_type="qemu", disk=Path(DISK))  # pty console, disk boot
-    assert orders._files_of(xml) == {"disk": DISK}
-    assert orders._files_of(domain_xml(spec(), domain_type="test")) == {}
-
-
-def test_files_of_counts_a_disk_not_a_cdrom_and_strips_text() -> None:
-    xml = (f"<domain type='kvm'><os><kernel>\n  {KERNEL}\n</kernel></os><devices>"
-           "<disk type='file' device='cdrom'><source file='/srv/install.iso'/></disk>"
-           f"<disk type='file' device='disk'><source file='{DISK}'/></disk>"
-           "</devices></domain>")
-    assert orders._files_of(xml) == {"kernel": KERNEL, "disk": DISK}
-
-
-@pytest.mark.parametrize(("sample", "backing"), [
-    ("guest-live-overlay.xml", True), ("guest-live-plain.xml", False),
-    ("guest-inactive-overlay.xml", None)])
-def test_a_running_guests_xml_says_whether_its_disk_has_a_backing_file(
-        sample: str, backing: bool | None) -> None:
-    """As libvirt 9.0 wrote it (``tests/data``): the backing chain of a running guest's disk,
-    and nothing of it in an inactive definition, where the agent reads the file instead."""
-    xml = (Path(__file__).parents[2] / "data" / sample).read_text()
-    assert orders._has_backing(xml) is backing
-
-
-DEFAULT_LIMITS = {"max_downtime_ms": None, "bandwidth_mib_s": None, "auto_converge": False,
-                  "postcopy": False, "timeout_s": 600.0}
-
-
-def test_limits_default_when_the_order_gives_none() -> None:
-    assert orders._limits({}) == DEFAULT_LIMITS
-    assert orders.DEFAULT_MIGRATION_TIMEOUT_S == 600.0
-
-
-def test_limits_as_the_order_gives_them() -> None:
-    assert orders._limits({"max_downtime_ms": 500, "bandwidth_mib_s": 100,
-                           "auto_converge": True, "postcopy": True, "timeout_s": 300.0}) == {
-        "max_downtime_ms": 500, "bandwidth_mib_s": 100, "auto_converge": True,
-        "postcopy": True, "timeout_s": 300.0}
-    out = orders._limits({"max_downtime_ms": 250.7, "bandwidth_mib_s": 64.0, "timeout_s": 90})
-    assert [(out[k], type(out[k])) for k in ("max_downtime_ms", "bandwidth_mib_s", "timeout_s")
-            ] == [(250, int), (64, int), (90.0, float)]
-
-
-@pytest.mark.parametrize("bad", [0, -5, -0.5, True, False, None, "500", [500]])
-def test_limits_ignore_a_number_that_is_not_a_positive_number(bad: Any) -> None:
-    assert orders._limits({"max_downtime_ms": bad, "bandwidth_mib_s": bad,
-                           "timeout_s": bad}) == DEFAULT_LIMITS
-
-
-@pytest.mark.parametrize("almost", [1, "true", "yes", 1.0, [True]])
-def test_limits_take_only_true_as_true(almost: Any) -> None:
-    out = orders._limits({"auto_converge": almost, "postcopy": almost})
-    assert (out["auto_converge"], out["postcopy"]) == (False, False)
-
-
-@pytest.mark.parametrize(
-    ("transport", "peer", "uri"),
-    [
-        ("tls", "10.250.0.7", "qemu+tls://10.250.0.7/system"),
-        ("tls", "fd00::7", "qemu+tls://[fd00::7]/system"),
-        ("tls", "node-7.fleet.example", "qemu+tls://node-7.fleet.example/system"),
-        ("tcp", "10.250.0.7", "qemu+tcp://10.250.0.7/system"),
-        ("tcp", "fd00::7", "qemu+tcp://[fd00::7]/system"),
-    ],
-)
-def test_migration_uri_of_a_peer(transport: str, peer: str, uri: str) -> None:
-    assert orders.Migration(address="10.250.0.1", transport=transport).uri(peer) == uri
-
-
-@pytest.mark.parametrize("peer", ["", "a/b", "10.0.0.7?x", "node:16514"])
-def test_a_bad_peer_address_refuses_the_order(peer: str) -> None:
-    with pytest.raises(orders.Refused, match=r"the destination's migration address: .* is not a"
-                                             r" host address"):
-        orders.Migration().uri(peer)
-
-
-def test_a_bad_transport_refuses_the_order() -> None:
-    with pytest.raises(orders.Refused, match="transport 'ssh' is not tls or tcp"):
-        orders.Migration(transport="ssh").uri("10.250.0.7")
-
-
 # --- the move settings the API takes -----------------------------------------------------------
 
 
@@ -276,7 +186,9 @@ def test_move_params_leave_out_an_unlimited_bandwidth() -> None:
 def test_move_params_are_what_the_source_takes() -> None:
     settings = MoveSettings(max_downtime_ms=800, bandwidth_mib_s=50, auto_converge=False,
                             postcopy=True, timeout_s=120.0)
-    assert orders._limits(dict(settings.params())) == {
+    params = settings.params()
+    assert migrate.migration_limits(*(params.get(k) for k in (
+        "max_downtime_ms", "bandwidth_mib_s", "auto_converge", "postcopy", "timeout_s"))) == {
         "max_downtime_ms": 800, "bandwidth_mib_s": 50, "auto_converge": False,
         "postcopy": True, "timeout_s": 120.0}
 
