@@ -111,15 +111,16 @@ def build(path: Path, n: int, profiles: dict[str, Profile], seed: int) -> tuple[
                         "deleted", "deleted", NOW, NOW, NOW - 10))
             vms.append((f"{node_id}-gone", f"{node_id}-gone", f"gone-{i}", 2, 2048, 10, "{}",
                         None, "running", "running", NOW, NOW, None))
-    with db:
-        db.executemany(
-            "INSERT INTO nodes (id, site, country, provider, profile, enrolled_at,"
-            " reported_status, last_seen, interval_s, inventory, facts, revoked_at, cordoned)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", nodes)
-        db.executemany(
-            "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec,"
-            " anti_affinity, desired_state, actual_state, created_at, updated_at, deleted_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", vms)
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO nodes (id, site, country, provider, profile, enrolled_at,"
+        " reported_status, last_seen, interval_s, inventory, facts, revoked_at, cordoned)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", nodes)
+    db.executemany(
+        "INSERT INTO vms (id, name, node_id, vcpus, memory_mib, disk_gib, spec,"
+        " anti_affinity, desired_state, actual_state, created_at, updated_at, deleted_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", vms)
+    db.execute("COMMIT")
     db.execute("ANALYZE")
     db.close()
     return n, sum(1 for v in vms if v[-1] is None)

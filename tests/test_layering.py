@@ -62,3 +62,19 @@ def test_the_daemon_never_loads_the_x509_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def _sql_calls(path: Path) -> list[int]:
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("execute", "executemany", "executescript")]
+
+
+def test_only_the_store_runs_sql() -> None:
+    """Domain code reads and writes through the store's repositories (aggregator/store/*.py):
+    a second database backend is one more package behind the same functions."""
+    outside = {str(p.relative_to(ROOT)): lines for p in SOURCES
+               if str(p.relative_to(ROOT)).startswith("aggregator/")
+               and not str(p.relative_to(ROOT)).startswith("aggregator/store/")
+               and (lines := _sql_calls(p))}
+    assert outside == {}

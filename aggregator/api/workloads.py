@@ -23,6 +23,7 @@ from aggregator.api.common import (
     signer_of,
 )
 from aggregator.errors import Refused
+from aggregator.store.tx import Tx
 from aggregator.trust import audit
 from aggregator.workloads import images, moves, orders, residency, vms
 
@@ -163,12 +164,11 @@ async def get_move(request: web.Request) -> web.Response:
 async def vm_residency(request: web.Request) -> web.Response:
     ref = request.match_info["id"]
 
-    def read(c: Any) -> dict[str, Any]:
-        row = c.execute("SELECT id FROM vms WHERE id = ? OR name = ? ORDER BY created_at DESC"
-                        " LIMIT 1", (ref, ref)).fetchone()
-        if row is None:
+    def read(c: Tx) -> dict[str, Any]:
+        vm_id = vms.resolve_any(c, ref)
+        if vm_id is None:
             raise ApiError(404, "not_found", f"no VM {ref!r}")
-        return {"vm": row[0], **residency.verify(c, row[0])}
+        return {"vm": vm_id, **residency.verify(c, vm_id)}
 
     return web.json_response(await services(request).store.read(read))
 

@@ -5,9 +5,9 @@ inside a transaction; :meth:`Store.read <aggregator.store.writer.Store.read>` ru
 on a reader thread over a read-only connection. Domain code receives a :class:`Tx`, never a
 ``sqlite3.Connection``: the database's own types stay inside ``aggregator.store``.
 
-``execute`` and ``executemany`` run SQL written in the domain modules that have no repository
-of their own yet (docs/architecture.md lists them); each such module moves its SQL into a
-repository of this package and loses those calls.
+The repositories of this package (``trust``, ``orders``, ``moves``, ``vms``, ``placement``,
+``residency``, ``images``, ``fleet``) are the only code that runs SQL through it: each is a set
+of functions ``(tx, ...)`` that take and return plain data, and decide nothing.
 """
 
 from __future__ import annotations

@@ -105,13 +105,6 @@ def vm_state(tx: Tx, vm_id: str) -> VmState | None:
     return None if row is None else VmState(row[0], row[1])
 
 
-def open_move(tx: Tx, vm_id: str) -> str | None:
-    """The id of the VM's move that has not finished, if any."""
-    row = tx.execute("SELECT id FROM moves WHERE vm_id = ? AND finished_at IS NULL",
-                     (vm_id,)).fetchone()
-    return None if row is None else str(row[0])
-
-
 def last_order(tx: Tx, vm_id: str, action: str) -> OrderState | None:
     """The VM's latest order of ``action`` (by the node's sequence)."""
     row = tx.execute("SELECT id, state FROM orders WHERE vm_id = ? AND action = ? ORDER BY seq"

@@ -19,6 +19,7 @@ from typing import Any, Final
 from aggregator.errors import Refused
 from aggregator.fleet import telemetry as fleet
 from aggregator.store import images as stored_images
+from aggregator.store import moves as moves_repo
 from aggregator.store import vms as repo
 from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
@@ -187,7 +188,7 @@ def act(conn: Tx, signer: OrderSigner, vm_id: str, action: str, now: float,
     if vm is None:
         raise Refused("not_found", f"no VM {vm_id!r}", 404)
     node_id = vm.node_id
-    moving = repo.open_move(conn, vm_id)
+    moving = moves_repo.open_move(conn, vm_id)
     if moving is not None:
         raise Refused("moving", f"the VM is being moved ({moving}): try again when the"
                       " move ends", 409)

@@ -101,9 +101,14 @@ async def test_status_and_liveness_columns(store: Store) -> None:
 async def test_shedding_is_counted_and_recorded_as_a_gap(tmp_path: Path) -> None:
     s = Store(tmp_path / "fleet.sqlite", queue_max=2)
     s.start()
-    release = threading.Event()
-    blocked = asyncio.ensure_future(s.write(lambda db: release.wait(10)))  # writer busy
-    await asyncio.sleep(0.1)
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(db: Tx) -> None:  # the writer is busy until released
+        busy.set()
+        release.wait(10)
+
+    blocked = asyncio.ensure_future(s.write(hold))
+    assert await asyncio.to_thread(busy.wait, 10)  # not a guess at how long it takes to start
     s.ingest(_telemetry("n1", 1))
     s.ingest(_telemetry("n1", 2))
     assert s.ingest(_telemetry("n1", 3)) is False  # past the bound: shed, counted

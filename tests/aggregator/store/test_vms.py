@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from aggregator.store import moves as moves_repo
 from aggregator.store import vms as repo
 from aggregator.store.tx import Tx
 from tests.aggregator.store.rows import add_move, add_node, add_order, add_vm
@@ -73,11 +74,11 @@ def test_live_vms_by_name_on_a_node_or_everywhere(tx: Tx) -> None:
 
 def test_open_move_and_last_order(tx: Tx) -> None:
     repo.insert_vm(tx, _new())
-    assert repo.open_move(tx, "vm-1") is None
+    assert moves_repo.open_move(tx, "vm-1") is None
     add_move(tx, "m0", "vm-1", "n1", "n2", finished_at=3.0)
-    assert repo.open_move(tx, "vm-1") is None
+    assert moves_repo.open_move(tx, "vm-1") is None
     add_move(tx, "m1", "vm-1", "n1", "n2")
-    assert repo.open_move(tx, "vm-1") == "m1"
+    assert moves_repo.open_move(tx, "vm-1") == "m1"
     assert repo.last_order(tx, "vm-1", "delete") is None
     add_order(tx, "o1", "n1", 1, "vm-1", "delete", "failed")
     add_order(tx, "o2", "n1", 2, "vm-1", "delete", "sent")
