@@ -16,6 +16,7 @@ from aggregator.workloads import moves_steps as steps
 from aggregator.workloads import orders, residency
 from aggregator.workloads.moves_settings import MIGRATE_TTL_MARGIN_S, Context, on_row_error
 from aggregator.workloads.moves_steps import Do, Next
+from contract.orders import AdoptParams, ReleaseParams
 
 # What carrying out a step does besides the move's own state: returns the move's next order,
 # if it issued one.
@@ -74,22 +75,22 @@ def _migrate(conn: Tx, ctx: Context, row: repo.EndedStep, step: Next, now: float
                                   node.country if node else "", node.provider if node else "",
                                   row.order_result, row.settings)
     ttl = steps.migrate_ttl_s(ctx.ttl_s, row.settings, MIGRATE_TTL_MARGIN_S)
-    order_id = orders.issue(conn, ctx.signer, row.source, row.vm_id, "migrate", now, ttl,
-                            params=params, move_id=row.move_id)
+    order_id = orders.issue(conn, ctx.signer, row.source, row.vm_id, params, now, ttl,
+                            move_id=row.move_id)
     repo.set_prepared(conn, row.move_id, row.order_result)
     return order_id
 
 
 def _release(conn: Tx, ctx: Context, row: repo.EndedStep, step: Next, now: float) -> str:
-    return orders.issue(conn, ctx.signer, row.dest, row.vm_id, "release", now, ctx.ttl_s,
-                        params={"vm_uuid": row.vm_id}, move_id=row.move_id)
+    return orders.issue(conn, ctx.signer, row.dest, row.vm_id,
+                        ReleaseParams(vm_uuid=row.vm_id), now, ctx.ttl_s, move_id=row.move_id)
 
 
 def _adopt(conn: Tx, ctx: Context, row: repo.EndedStep, step: Next, now: float) -> str:
     desired = repo.vm_desired_state(conn, row.vm_id)
-    return orders.issue(conn, ctx.signer, row.dest, row.vm_id, "adopt", now, ctx.ttl_s,
-                        params={"vm_uuid": row.vm_id, "mode": row.mode,
-                                "start": desired == "running"}, move_id=row.move_id)
+    what = AdoptParams(vm_uuid=row.vm_id, mode=row.mode, start=desired == "running")
+    return orders.issue(conn, ctx.signer, row.dest, row.vm_id, what, now, ctx.ttl_s,
+                        move_id=row.move_id)
 
 
 def _arrive(conn: Tx, ctx: Context, row: repo.EndedStep, step: Next, now: float) -> str:

@@ -15,6 +15,7 @@ from aggregator.store.tx import Tx
 from aggregator.trust.audit import record as audit
 from aggregator.workloads import destinations, orders, vms
 from aggregator.workloads.moves_settings import Context, MoveSettings
+from contract.orders import ReceiveParams
 
 _RUNNING = ("running", "paused")
 
@@ -80,9 +81,9 @@ def start(conn: Tx, ctx: Context, vm_id: str, to: str,
         move_id, vm_id, source.id, mode, "preparing", now, dest=dest_id,
         settings=asdict(settings) | {"mode": mode}, drain_id=drain_id, actor=actor,
         vcpus=vm.vcpus, memory_mib=vm.memory_mib, disk_gib=vm.disk_gib))
-    order_id = orders.issue(conn, ctx.signer, dest_id, vm_id, "receive", now, ctx.ttl_s,
-                            vm=spec, params={"mode": mode, "source": source.id},
-                            move_id=move_id)
+    order_id = orders.issue(conn, ctx.signer, dest_id, vm_id,
+                            ReceiveParams(mode=mode, source=source.id), now, ctx.ttl_s,
+                            vm=spec, move_id=move_id)
     repo.set_step(conn, move_id, "preparing", order_id, now)
     order_repo.set_vm_reason(conn, vm_id, f"moving to {dest_id} ({mode})", now)
     audit(conn, now, actor, "vm.migrate", vm_id, name=vm.name, source=source.id, dest=dest_id,

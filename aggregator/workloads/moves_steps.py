@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from aggregator.workloads.moves_settings import MAX_ASKS, MoveSettings
 from aggregator.workloads.transitions import check
-from contract.wire import Scalar
+from contract.orders import MigrateParams
 
 
 class Do(StrEnum):
@@ -227,18 +227,19 @@ _OFFERS: Final = ("arch", "machines", "cpu_models")
 
 
 def migrate_params(vm_id: str, dest: str, mode: str, dest_country: str, dest_provider: str,
-                   prepared: Mapping[str, Any], settings: Mapping[str, Any]
-                   ) -> dict[str, Scalar]:
+                   prepared: Mapping[str, Any], settings: Mapping[str, Any]) -> MigrateParams:
     """What the source's ``migrate`` order says: where to, what the destination prepared and
     offers guests (the source holds the VM against it), and how (``settings``: the move's
     :class:`~aggregator.workloads.moves_settings.MoveSettings` as stored)."""
-    return {
-        "vm_uuid": vm_id, "dest": dest, "mode": mode,
-        "dest_country": dest_country, "dest_provider": dest_provider,
+    how = MoveSettings(**settings)
+    return MigrateParams(
+        vm_uuid=vm_id, dest=dest, mode=mode, dest_country=dest_country,
+        dest_provider=dest_provider,
         **{k: v for k, v in prepared.items() if k in _PREPARED_FILES and isinstance(v, str)},
         **{f"dest_{k}": v for k, v in prepared.items() if k in _OFFERS and isinstance(v, str)},
-        **MoveSettings(**settings).params(),
-    }
+        max_downtime_ms=how.max_downtime_ms, auto_converge=how.auto_converge,
+        postcopy=how.postcopy, timeout_s=how.timeout_s,
+        bandwidth_mib_s=how.bandwidth_mib_s or None)  # 0: no limit, not sent
 
 
 def migrate_ttl_s(ttl_s: float, settings: Mapping[str, Any], margin_s: float) -> float:

@@ -20,6 +20,7 @@ from aggregator.workloads.moves_settings import (
     Context,
     on_row_error,
 )
+from contract.orders import CreateParams, EvictParams
 
 
 def restart_lost(conn: Tx, ctx: Context, now: float, grace_s: float,
@@ -62,7 +63,7 @@ def _restart(conn: Tx, ctx: Context, now: float, lost: repo.Restartable) -> bool
     repo.place_vm(conn, vm_id, dest, "pending", now,
                   reason=f"restarted on {dest}: {gone} silent for {now - lost.last_seen:.0f} s"
                   f" (lease {lost.lease_s:g} s)")
-    order_id = orders.issue(conn, ctx.signer, dest, vm_id, "create", now, ctx.ttl_s,
+    order_id = orders.issue(conn, ctx.signer, dest, vm_id, CreateParams(), now, ctx.ttl_s,
                             vm=spec, move_id=move_id)
     repo.set_step(conn, move_id, "migrating", order_id, now)
     audit(conn, now, "aggregator", "vm.restart", vm_id, name=lost.name, lost=gone, dest=dest,
@@ -78,8 +79,8 @@ def evict(conn: Tx, ctx: Context, now: float) -> int:
         residency.append(conn, gone.vm_id, "left", gone.node_id, now)
     issued = 0
     for due in repo.evictions_due(conn, now - EVICT_RETRY_S):
-        order_id = orders.issue(conn, ctx.signer, due.node_id, due.vm_id, "evict", now,
-                                ctx.ttl_s, params={"vm_uuid": due.vm_id})
+        order_id = orders.issue(conn, ctx.signer, due.node_id, due.vm_id,
+                                EvictParams(vm_uuid=due.vm_id), now, ctx.ttl_s)
         repo.set_eviction_order(conn, due.vm_id, due.node_id, order_id)
         audit(conn, now, "aggregator", "vm.evict", due.vm_id, node=due.node_id,
               order=order_id)

@@ -28,10 +28,10 @@ from aggregator.store.tx import Tx
 from aggregator.trust.pki import OrderSigner
 from aggregator.workloads import order_states as states
 from aggregator.workloads import residency
+from contract.orders import OrderParams
 from contract.wire import (
     Order,
     Report,
-    Scalar,
     VmSpec,
     decode,
     encode,
@@ -53,16 +53,18 @@ Due = repo.Due  # what :func:`due` lists: order_id, node_id, seq, payload
 
 
 def issue(conn: Tx, signer: OrderSigner, node_id: str, vm_id: str | None,
-          action: str, now: float, ttl_s: float, *, vm: VmSpec | None = None,
-          params: dict[str, Scalar] | None = None, move_id: str | None = None) -> str:
-    """Number, sign and store an order; it is published by the dispatcher."""
+          what: OrderParams, now: float, ttl_s: float, *, vm: VmSpec | None = None,
+          move_id: str | None = None) -> str:
+    """Number, sign and store an order to do ``what`` (its action's typed parameters,
+    :mod:`contract.orders`, the node's own reading of them); the dispatcher publishes it."""
+    action, params = what.ACTION, what.to_params()
     seq = repo.take_seq(conn, node_id)
     order_id = "ord-" + uuid.uuid4().hex[:20]
     order = Order(node=node_id, seq=seq, order_id=order_id, issued_at=now,
-                  expires_at=now + ttl_s, action=action, params=params or {}, vm=vm)
+                  expires_at=now + ttl_s, action=action, params=params, vm=vm)
     signature = signer.sign(signed_bytes(order_envelope(order)))
     payload = encode(Order(node=node_id, seq=seq, order_id=order_id, issued_at=now,
-                           expires_at=now + ttl_s, action=action, params=params or {},
+                           expires_at=now + ttl_s, action=action, params=params,
                            signature=signature, vm=vm))
     repo.insert_order(conn, repo.NewOrder(order_id, node_id, seq, vm_id, action, payload,
                                           states.INITIAL, now, now + ttl_s, move_id))

@@ -26,6 +26,7 @@ from aggregator.trust.audit import record as audit
 from aggregator.trust.pki import OrderSigner
 from aggregator.workloads import orders
 from aggregator.workloads.placement import Demand, Policy, load_nodes, place, shortlist
+from contract.orders import PARAMS, CreateParams, StartParams
 from contract.profiles import Profile
 from contract.wire import VmSpec, to_plain
 
@@ -177,7 +178,7 @@ def create(conn: Tx, signer: OrderSigner, req: VmRequest, now: float,
         disk_gib=req.disk_gib, request=req.to_json(), spec=to_plain(spec),
         anti_affinity=p.anti_affinity, on_node_loss=req.on_node_loss,
         desired_state="running", actual_state="pending", created_at=now))
-    order_id = orders.issue(conn, signer, node_id, vm_id, "create", now, ttl_s, vm=spec)
+    order_id = orders.issue(conn, signer, node_id, vm_id, CreateParams(), now, ttl_s, vm=spec)
     audit(conn, now, actor, "vm.create", vm_id, name=req.name, node=node_id, order=order_id)
     return {"id": vm_id, "node": node_id, "order": order_id}
 
@@ -206,8 +207,8 @@ def act(conn: Tx, signer: OrderSigner, vm_id: str, action: str, now: float,
                 return {"id": vm_id, "node": node_id, "order": last.id}
             raise Refused("deleting", "the VM is being deleted", 409)
         # The last delete failed or expired: any order may follow, a delete again included.
-    order_id = orders.issue(conn, signer, node_id, vm_id, action, now, ttl_s,
-                            params={"vm_uuid": vm_id})
+    what = PARAMS[action](vm_uuid=vm_id)  # type: ignore[call-arg]  # start/stop/reboot/delete
+    order_id = orders.issue(conn, signer, node_id, vm_id, what, now, ttl_s)
     repo.set_desired_state(conn, vm_id, ACTIONS[action], now)
     audit(conn, now, actor, f"vm.{action}", vm_id, node=node_id, order=order_id)
     return {"id": vm_id, "node": node_id, "order": order_id}
@@ -264,8 +265,8 @@ def reconcile(conn: Tx, signer: OrderSigner, now: float, live: Liveness,
         if fleet.node_status(vm.node_reported_status, vm.node_last_seen, vm.node_interval_s,
                              now, live.heartbeat_factor, live.min_timeout_s) != "online":
             continue
-        order_id = orders.issue(conn, signer, vm.node_id, vm.id, "start", now, ttl_s,
-                                params={"vm_uuid": vm.id})
+        order_id = orders.issue(conn, signer, vm.node_id, vm.id, StartParams(vm_uuid=vm.id),
+                                now, ttl_s)
         audit(conn, now, "aggregator", "vm.reconcile", vm.id, node=vm.node_id, order=order_id,
               reason="not running, should run")
         issued.append(order_id)

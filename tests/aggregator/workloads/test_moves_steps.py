@@ -229,12 +229,16 @@ def test_migrate_params_carry_the_destination_what_it_prepared_and_the_settings(
                 "arch": "x86_64", "machines": "pc", "cpu_models": "kvm64", "disk": 7}
     settings = asdict(MoveSettings(bandwidth_mib_s=50))
     assert steps.migrate_params("vm-1", "si-b", "live", "SI", "arnes", prepared,
-                                settings) == {
+                                settings).to_params() == {
         "vm_uuid": "vm-1", "dest": "si-b", "mode": "live", "dest_country": "SI",
         "dest_provider": "arnes", "address": "10.0.0.2", "domain_type": "qemu",
         "kernel": "/b/k", "dest_arch": "x86_64", "dest_machines": "pc",
         "dest_cpu_models": "kvm64", "max_downtime_ms": 300, "bandwidth_mib_s": 50,
         "auto_converge": True, "postcopy": False, "timeout_s": 300.0}
+    unlimited = steps.migrate_params("vm-1", "si-b", "cold", "SI", "arnes", {},
+                                     asdict(MoveSettings())).to_params()
+    assert "bandwidth_mib_s" not in unlimited  # 0 is no limit: not sent, as ever
+    assert "address" not in unlimited
 
 
 @pytest.mark.parametrize(("ttl_s", "settings", "expected"),

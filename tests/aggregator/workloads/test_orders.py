@@ -14,6 +14,7 @@ from aggregator.store.tx import Tx
 from aggregator.store.writer import open_tx
 from aggregator.trust.pki import OrderSigner, make_order_key
 from aggregator.workloads import orders
+from contract.orders import EvictParams
 from contract.wire import Report, Scalar
 
 
@@ -35,7 +36,7 @@ def signer(tmp_path: Path) -> OrderSigner:
 
 
 def _issue(db: Tx, signer: OrderSigner, now: float, node: str = "si-a") -> str:
-    return orders.issue(db, signer, node, None, "evict", now, 600.0, params={"vm_uuid": "x"})
+    return orders.issue(db, signer, node, None, EvictParams(vm_uuid="x"), now, 600.0)
 
 
 def _report(db: Tx, order_id: str, state: str, now: float, node: str = "si-a",
