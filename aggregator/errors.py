@@ -3,7 +3,11 @@ optionally details (e.g. the reasons every node was ruled out)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from plumbing.shapes import ShapeError, parse
+
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -13,3 +17,12 @@ class Refused(Exception):
         self.code = code
         self.status = status
         self.detail = detail or {}
+
+
+def body_of(shape: type[T], body: Any) -> T:
+    """A request body read as its shape (:mod:`plumbing.shapes`); Refused (400, the shape's
+    code or ``invalid_request``) naming the field otherwise."""
+    try:
+        return parse(shape, body)
+    except ShapeError as exc:
+        raise Refused(exc.code or "invalid_request", str(exc)) from None

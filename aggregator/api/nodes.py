@@ -19,9 +19,11 @@ from aggregator.api.common import (
     services,
 )
 from aggregator.api.metrics import render_metrics
+from aggregator.errors import body_of
 from aggregator.fleet import queries
 from aggregator.trust import nodes as trust
 from aggregator.workloads import moves
+from aggregator.workloads.moves_settings import DrainBody, MoveSettings
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -112,11 +114,8 @@ def cordon(cordoned: bool) -> Handler:
 
 async def drain_node(request: web.Request) -> web.Response:
     svc, node_id = services(request), node_id_of(request)
-    body = await object_body(request)
-    settings = moves.MoveSettings.from_json(body, modes=("auto", "live", "cold"))
-    parallel = body.get("parallel", 2)
-    if isinstance(parallel, bool) or not isinstance(parallel, int):
-        raise ApiError(400, "invalid_request", "parallel must be an integer")
+    body = body_of(DrainBody, await object_body(request))
+    settings, parallel = MoveSettings.of(body), body.parallel
     ctx, now, actor = move_context(svc), time.time(), actor_of(request)
     result = await svc.store.write(lambda db: moves.drain(
         db, ctx, node_id, settings, parallel, now, actor))

@@ -8,6 +8,8 @@ from typing import Any
 
 from aggregator.api.common import Route
 from aggregator.workloads import placement, vms
+from aggregator.workloads.moves_settings import DrainBody, MoveBody
+from plumbing import shapes
 
 
 def _pattern(regex: re.Pattern[str]) -> str:
@@ -50,21 +52,9 @@ VM_BODY: dict[str, Any] = {
 OPERATE = ("admin", "operator")
 
 
-MOVE_BODY: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "to": {"type": "string", "description": "the destination node (default: placement)"},
-        "mode": {"type": "string", "enum": ["live", "cold"]},
-        "max_downtime_ms": {"type": "integer", "minimum": 1, "maximum": 60_000,
-                            "default": 300},
-        "bandwidth_mib_s": {"type": "integer", "minimum": 0, "maximum": 1 << 20, "default": 0,
-                            "description": "0: no limit"},
-        "auto_converge": {"type": "boolean", "default": True},
-        "postcopy": {"type": "boolean", "default": False},
-        "timeout_s": {"type": "integer", "minimum": 1, "maximum": 86_400, "default": 300,
-                      "description": "past it the migration is aborted; the VM stays"},
-    },
-}
+# Bodies generated from the shapes that read them (plumbing/shapes.py).
+MOVE_BODY: dict[str, Any] = shapes.schema(MoveBody)
+DRAIN_BODY: dict[str, Any] = shapes.schema(DrainBody)
 
 
 VM_404 = {404: "no such VM"}

@@ -39,6 +39,7 @@ from aggregator.api.nodes import (
     revoke_node,
 )
 from aggregator.api.openapi import (
+    DRAIN_BODY,
     LIMIT,
     MOVE_BODY,
     NO_SIGNER,
@@ -152,10 +153,7 @@ ROUTES: tuple[Route, ...] = (
           body_required=False, responses=NODE_404),
     Route("POST", "/api/v1/nodes/{id}/drain", drain_node, ("admin", "operator"),
           "Drain a node: cordon it and move every VM off (live where possible), a few at a"
-          " time", body={**MOVE_BODY, "properties": {
-              **MOVE_BODY["properties"], "mode": {"type": "string",
-                                                   "enum": ["auto", "live", "cold"]},
-              "parallel": {"type": "integer", "minimum": 1, "maximum": 32, "default": 2}}},
+          " time", body=DRAIN_BODY,
           body_required=False,
           responses={202: "draining (see GET /api/v1/nodes/{id}/drain)", **NODE_404,
                      409: "the node cannot be drained now (with the reason)",

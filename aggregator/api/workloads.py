@@ -22,10 +22,11 @@ from aggregator.api.common import (
     services,
     signer_of,
 )
-from aggregator.errors import Refused
+from aggregator.errors import Refused, body_of
 from aggregator.store.tx import Tx
 from aggregator.trust import audit
 from aggregator.workloads import images, moves, orders, residency, vms
+from aggregator.workloads.moves_settings import MoveBody, MoveSettings
 
 
 async def list_images(request: web.Request) -> web.Response:
@@ -125,11 +126,8 @@ def vm_action(action: str) -> Handler:
 
 async def migrate_vm(request: web.Request) -> web.Response:
     svc, ref = services(request), request.match_info["id"]
-    body = await object_body(request)
-    settings = moves.MoveSettings.from_json(body)
-    to = body.get("to") or ""
-    if not isinstance(to, str):
-        raise ApiError(400, "invalid_request", "to must be a node id")
+    body = body_of(MoveBody, await object_body(request))
+    settings, to = MoveSettings.of(body), body.to
     ctx, now, actor = move_context(svc), time.time(), actor_of(request)
     result = await svc.store.write(lambda db: moves.start(
         db, ctx, vms.resolve(db, ref), to, settings, now, actor))

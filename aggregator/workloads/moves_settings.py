@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
-from aggregator.errors import Refused
+from aggregator.errors import body_of
 from contract.wire import Scalar
+from plumbing.shapes import Rule
 
 if TYPE_CHECKING:  # only the types: the pure modules of moves import this one
     from aggregator.trust.pki import OrderSigner
@@ -28,6 +29,37 @@ EVICT_RETRY_S: Final = 60.0
 
 
 @dataclass(frozen=True)
+class _How:
+    """How a VM moves, as a request says it: the shape both bodies below share (their JSON
+    schema in openapi.json comes from these definitions)."""
+
+    max_downtime_ms: Annotated[int, Rule(minimum=1, maximum=60_000)] = 300
+    bandwidth_mib_s: Annotated[int, Rule(minimum=0, maximum=1 << 20,
+                                         description="0: no limit")] = 0
+    auto_converge: bool = True
+    postcopy: bool = False
+    timeout_s: Annotated[int, Rule(minimum=1, maximum=86_400, description=(
+        "past it the migration is aborted; the VM stays"))] = 300
+
+
+@dataclass(frozen=True)
+class MoveBody(_How):
+    """``POST /api/v1/vms/{id}/migrate``."""
+
+    to: Annotated[str, Rule(must="a node id", description=(
+        "the destination node (default: placement)"))] = ""
+    mode: Literal["live", "cold"] = "live"
+
+
+@dataclass(frozen=True)
+class DrainBody(_How):
+    """``POST /api/v1/nodes/{id}/drain``: every VM moved off, ``parallel`` at a time."""
+
+    mode: Literal["auto", "live", "cold"] = "auto"
+    parallel: Annotated[int, Rule(minimum=1, maximum=DRAIN_PARALLEL_MAX)] = 2
+
+
+@dataclass(frozen=True)
 class MoveSettings:
     """How one VM moves; the defaults are what an operator should want."""
 
@@ -40,28 +72,15 @@ class MoveSettings:
 
     @classmethod
     def from_json(cls, body: Any, *, modes: tuple[str, ...] = MODES) -> MoveSettings:
-        if not isinstance(body, dict):
-            raise Refused("invalid_request", "body must be a JSON object")
-        mode = body.get("mode", "live" if "auto" not in modes else "auto")
-        if mode not in modes:
-            raise Refused("invalid_request", f"mode must be one of {', '.join(modes)}")
+        """The settings in a request body (a move's, or with ``auto`` among ``modes`` a
+        drain's); Refused, naming the field, if it breaks the shape."""
+        shape: type[MoveBody | DrainBody] = DrainBody if "auto" in modes else MoveBody
+        return cls.of(body_of(shape, body))
 
-        def integer(key: str, low: int, high: int, default: int) -> int:
-            value = body.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise Refused("invalid_request", f"{key} must be an integer from {low} to {high}")
-            return value
-
-        def flag(key: str, default: bool) -> bool:
-            value = body.get(key, default)
-            if not isinstance(value, bool):
-                raise Refused("invalid_request", f"{key} must be true or false")
-            return value
-
-        return cls(mode, integer("max_downtime_ms", 1, 60_000, cls.max_downtime_ms),
-                   integer("bandwidth_mib_s", 0, 1 << 20, cls.bandwidth_mib_s),
-                   flag("auto_converge", cls.auto_converge), flag("postcopy", cls.postcopy),
-                   float(integer("timeout_s", 1, 86_400, int(cls.timeout_s))))
+    @classmethod
+    def of(cls, body: MoveBody | DrainBody) -> MoveSettings:
+        return cls(body.mode, body.max_downtime_ms, body.bandwidth_mib_s, body.auto_converge,
+                   body.postcopy, float(body.timeout_s))
 
     def params(self) -> dict[str, Scalar]:
         out: dict[str, Scalar] = {"max_downtime_ms": self.max_downtime_ms,
