@@ -9,16 +9,18 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from aiohttp import web
 
+from aggregator.errors import body_of
 from aggregator.fleet import queries
 from aggregator.store.writer import Store
 from aggregator.trust.pki import CertificateAuthority, OrderSigner
 from aggregator.trust.tokens import ROLES
 from aggregator.workloads import images, moves, vms
 from contract.profiles import Profile
+from plumbing.shapes import Rule
 
 log = logging.getLogger("virt8ra.aggregator.api")
 
@@ -181,7 +183,12 @@ def move_context(svc: Services) -> moves.Context:
 
 async def reason_body(request: web.Request) -> str:
     """The optional ``{"reason": text}`` body of a node action, for the audit trail."""
-    body = await object_body(request)
-    if not isinstance(body.get("reason", ""), str):
-        raise ApiError(400, "invalid_request", 'body must be {"reason": string}')
-    return str(body.get("reason", ""))[:500]
+    return body_of(ReasonBody, await object_body(request)).reason[:500]
+
+
+@dataclass(frozen=True)
+class ReasonBody:
+    """The optional body of a node action (revoke, cordon, uncordon)."""
+
+    reason: Annotated[str, Rule(description="for the audit trail (at most 500 characters"
+                                            " are kept)")] = ""

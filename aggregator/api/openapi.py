@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from aggregator.api.common import Route
+from aggregator.api.common import ReasonBody, Route
 from aggregator.workloads import placement, vms
 from aggregator.workloads.moves_settings import DrainBody, MoveBody
 from plumbing import shapes
@@ -67,9 +67,7 @@ VM_ACTED = {202: "ordered", **VM_404, **NO_SIGNER,
              409: "not now: the VM is on no node, being deleted, or moving"}
 
 
-REASON_BODY: dict[str, Any] = {
-    "type": "object", "properties": {"reason": {"type": "string", "maxLength": 500,
-                                                "description": "for the audit trail"}}}
+REASON_BODY: dict[str, Any] = shapes.schema(ReasonBody)
 
 
 LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 10000}

@@ -53,6 +53,8 @@ from aggregator.api.openapi import (
     openapi_document,
 )
 from aggregator.api.trust import (
+    ApiTokenBody,
+    EnrollmentTokenBody,
     audit_events,
     ca_certificate,
     create_api_token,
@@ -81,12 +83,12 @@ from aggregator.api.workloads import (
 )
 from aggregator.errors import Refused
 from aggregator.fleet import queries
-from aggregator.trust import audit, enrollment
+from aggregator.trust import audit
 from aggregator.trust.enrollment import (
     hash_secret,
 )
-from aggregator.trust.tokens import ROLES
 from aggregator.workloads import images, moves, orders
+from plumbing import shapes
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -111,18 +113,7 @@ ROUTES: tuple[Route, ...] = (
           responses={400: "bad query", **NODE_404}),
     Route("POST", "/api/v1/enrollment-tokens", create_enrollment_token, ("admin", "technician"),
           "A one-time token that enrolls one node at a site",
-          body={"type": "object", "required": ["site", "country", "provider", "profile"],
-                "properties": {"site": {"type": "string", "pattern": _pattern(enrollment.LABEL)},
-                               "country": {"type": "string",
-                                           "pattern": _pattern(enrollment.COUNTRY)},
-                               "provider": {"type": "string",
-                                            "pattern": _pattern(enrollment.LABEL)},
-                               "profile": {"type": "string"},
-                               "ttl_seconds": {"type": "number", "minimum": 60,
-                                               "maximum": 30 * 86400},
-                               "node_id": {"type": "string", "description":
-                                           "bind the token to this node id: re-enrolls an"
-                                           " enrolled node"}}},
+          body=shapes.schema(EnrollmentTokenBody),
           responses={201: "token created", 400: "bad request"}),
     Route("GET", "/api/v1/enrollment-tokens", list_enrollment_tokens, ("admin", "technician"),
           "Every enrollment token with its scope and state (never the token itself)",
@@ -170,9 +161,7 @@ ROUTES: tuple[Route, ...] = (
           responses={400: "bad query"}),
     Route("POST", "/api/v1/api-tokens", create_api_token, ("admin",),
           "A bearer token for a role",
-          body={"type": "object", "required": ["role"],
-                "properties": {"role": {"type": "string", "enum": list(ROLES)},
-                               "name": {"type": "string"}}},
+          body=shapes.schema(ApiTokenBody),
           responses={201: "token created", 400: "bad request"}),
     Route("GET", "/api/v1/images", list_images, ALL_ROLES,
           "The fleet's images: name, format, size, sha256"),

@@ -4,6 +4,8 @@ the audit trail."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from aiohttp import web
 
@@ -16,7 +18,8 @@ from aggregator.api.common import (
     role_of,
     services,
 )
-from aggregator.trust import audit
+from aggregator.errors import body_of
+from aggregator.trust import audit, enrollment
 from aggregator.trust import nodes as trust
 from aggregator.trust import tokens as auth
 from aggregator.trust.enrollment import (
@@ -28,31 +31,46 @@ from aggregator.trust.enrollment import (
     list_tokens,
     withdraw_token,
 )
-from aggregator.trust.tokens import ROLES
+from plumbing.shapes import Rule
+
+_LABEL_MUST = "1-64 letters, digits, space . _ -"
+
+
+@dataclass(frozen=True)
+class EnrollmentTokenBody:
+    """``POST /api/v1/enrollment-tokens``: where the node stands and what it is."""
+
+    site: Annotated[str, Rule(pattern=enrollment.LABEL.pattern, must=_LABEL_MUST,
+                              code="invalid_site")]
+    country: Annotated[str, Rule(pattern=enrollment.COUNTRY.pattern,
+                                 must="an ISO 3166 alpha-2 code", code="invalid_country")]
+    provider: Annotated[str, Rule(pattern=enrollment.LABEL.pattern, must=_LABEL_MUST,
+                                  code="invalid_provider")]
+    profile: Annotated[str, Rule(description="a hardware profile the aggregator knows")]
+    ttl_seconds: Annotated[float, Rule(minimum=60, maximum=30 * 86400)] = 7200.0
+    node_id: Annotated[str | None, Rule(description=(
+        "bind the token to this node id: re-enrolls an enrolled node"))] = None
+
+
+@dataclass(frozen=True)
+class ApiTokenBody:
+    """``POST /api/v1/api-tokens``."""
+
+    role: Literal["admin", "operator", "viewer", "technician"]
+    name: Annotated[str, Rule(max_length=100)] = ""
 
 
 async def create_enrollment_token(request: web.Request) -> web.Response:
     svc = services(request)
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "body must be a JSON object")
-    fields = {}
-    for key in ("site", "country", "provider", "profile"):
-        value = body.get(key)
-        if not isinstance(value, str):
-            raise ApiError(400, "invalid_request", f"{key} must be a string")
-        fields[key] = value
-    if fields["profile"] not in svc.profiles:
+    body = body_of(EnrollmentTokenBody, await json_body(request))
+    fields = {"site": body.site, "country": body.country, "provider": body.provider,
+              "profile": body.profile}
+    if body.profile not in svc.profiles:
         raise ApiError(
             400, "unknown_profile",
-            f"no hardware profile {fields['profile']!r}; known: {', '.join(sorted(svc.profiles))}",
+            f"no hardware profile {body.profile!r}; known: {', '.join(sorted(svc.profiles))}",
         )
-    ttl = body.get("ttl_seconds", 7200)
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 60 <= ttl <= 30 * 86400:
-        raise ApiError(400, "invalid_request", "ttl_seconds must be a number from 60 to 2592000")
-    node_id = body.get("node_id")
-    if node_id is not None and not isinstance(node_id, str):
-        raise ApiError(400, "invalid_request", "node_id must be a string")
+    ttl, node_id = body.ttl_seconds, body.node_id
     if node_id is not None and await role_of(request) not in ("admin", "operator"):
         # A token bound to a node replaces that node's identity: as strong as revoking it.
         raise ApiError(403, "forbidden", "only admin and operator may bind a token to a node")
@@ -145,14 +163,8 @@ async def revoke_api_token(request: web.Request) -> web.Response:
 
 async def create_api_token(request: web.Request) -> web.Response:
     svc = services(request)
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "body must be a JSON object")
-    role, name = body.get("role"), body.get("name", "")
-    if role not in ROLES:
-        raise ApiError(400, "invalid_request", f"role must be one of {', '.join(ROLES)}")
-    if not isinstance(name, str) or len(name) > 100:
-        raise ApiError(400, "invalid_request", "name must be a string of at most 100 characters")
+    body = body_of(ApiTokenBody, await json_body(request))
+    role, name = body.role, body.name
     now, actor = time.time(), actor_of(request)
     token_id, token = await svc.store.write(
         lambda db: auth.create_api_token(db, str(role), name, now, actor=actor)
