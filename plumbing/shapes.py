@@ -199,18 +199,20 @@ def _ruled(check: Check, base: Any, rule: Rule) -> Check:
 def _object_check(cls: type) -> Check:
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = [(f.name, _check_of(hints[f.name]),
-               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+               _split(hints[f.name]))
               for f in dataclasses.fields(cls)]
 
     def check_object(value: Any, path: str) -> Any:
         if type(value) is not dict:
             raise ShapeError(path, "a JSON object")
         kwargs = {}
-        for name, check, required in fields:
+        for name, check, required, (base, rule) in fields:
             raw = value.get(name, _MISSING)
             if raw is _MISSING:
-                if required:
-                    raise ShapeError(_join(path, name), "given")
+                if required:  # missing: what it must be, as if it were wrong
+                    raise ShapeError(_join(path, name), _must(base, rule),
+                                     rule.code if rule else "")
                 continue
             kwargs[name] = check(raw, _join(path, name))
         return cls(**kwargs)
@@ -245,7 +247,8 @@ def _base_schema(base: Any) -> dict[str, Any]:
             props[f.name] = schema(hints[f.name])
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 required.append(f.name)
-            elif f.default is not dataclasses.MISSING and f.default is not None:
+            elif f.default is not dataclasses.MISSING and f.default is not None and not (
+                    dataclasses.is_dataclass(f.default)):  # a nested shape: its own defaults
                 default = f.default
                 props[f.name]["default"] = list(default) if isinstance(default, tuple) else (
                     default)

@@ -22,31 +22,19 @@ def _names(regex: re.Pattern[str]) -> dict[str, Any]:
             "items": {"type": "string", "pattern": _pattern(regex)}}
 
 
-VM_BODY: dict[str, Any] = {
-    "type": "object", "required": ["name", "vcpus", "memory_mib"],
-    "properties": {
-        "name": {"type": "string", "pattern": _pattern(vms.VM_NAME),
-                 "description": "a lower-case DNS label, unique among the fleet's VMs"},
-        "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
-        "memory_mib": {"type": "integer", "minimum": 64, "maximum": 1 << 20},
-        "disk_gib": {"type": "integer", "minimum": 0, "maximum": 1 << 16, "default": 0},
-        "on_node_loss": {"type": "string", "enum": ["wait", "restart"], "default": "wait",
-                         "description": "restart: elsewhere, once the lost node has stopped"
-                                        " it"},
-        "boot": {"type": "object", "properties": {
-            "image": {"type": "string"}, "kernel": {"type": "string"},
-            "initrd": {"type": "string"}, "cmdline": {"type": "string"}}},
-        "placement": {"type": "object", "additionalProperties": False, "properties": {
-            "countries": _names(placement.COUNTRY), "providers": _names(placement.NAME),
-            "sites": _names(placement.NAME),
-            "labels": {"type": "object", "maxProperties": placement.MAX_LABELS,
-                       "additionalProperties": {"type": "string",
-                                                "pattern": _pattern(placement.LABEL_VALUE)}},
-            "profile": {"type": "string", "nullable": True},
-            "anti_affinity": {"type": "string", "nullable": True,
-                              "pattern": _pattern(placement.GROUP)}}},
-    },
-}
+# The VM body from its shape; its placement as Policy.from_json reads it (which also refuses
+# keys it does not know).
+VM_BODY: dict[str, Any] = shapes.schema(vms.VmBody)
+VM_BODY["properties"]["placement"] = {
+    "type": "object", "additionalProperties": False, "nullable": True, "properties": {
+        "countries": _names(placement.COUNTRY), "providers": _names(placement.NAME),
+        "sites": _names(placement.NAME),
+        "labels": {"type": "object", "maxProperties": placement.MAX_LABELS,
+                   "additionalProperties": {"type": "string",
+                                            "pattern": _pattern(placement.LABEL_VALUE)}},
+        "profile": {"type": "string", "nullable": True},
+        "anti_affinity": {"type": "string", "nullable": True,
+                          "pattern": _pattern(placement.GROUP)}}}
 
 
 OPERATE = ("admin", "operator")

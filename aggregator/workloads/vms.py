@@ -14,9 +14,9 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
-from aggregator.errors import Refused
+from aggregator.errors import Refused, body_of
 from aggregator.fleet import telemetry as fleet
 from aggregator.store import images as stored_images
 from aggregator.store import moves as moves_repo
@@ -29,6 +29,7 @@ from aggregator.workloads.placement import Demand, Policy, load_nodes, place, sh
 from contract.orders import PARAMS, CreateParams, StartParams
 from contract.profiles import Profile
 from contract.wire import VmSpec, to_plain
+from plumbing.shapes import Rule
 
 VM_NAME: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 UUID_SHAPE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -42,6 +43,42 @@ NOT_RUNNING: Final = ("paused", "shut off", "crashed")  # states a reconcile sta
 class Liveness:
     heartbeat_factor: float
     min_timeout_s: float
+
+
+_BOOT_KEYS: Final = frozenset({"image", "kernel", "initrd", "cmdline"})
+_BOOT_MUST: Final = '{"image": NAME} or {"kernel": NAME, "initrd": NAME, "cmdline": TEXT}'
+_NAME_MUST: Final = "a lower-case DNS label (a-z, 0-9, -; at most 63 characters)"
+_SHORT: Final = Rule(max_length=128, must="a short string")
+
+
+@dataclass(frozen=True)
+class BootBody:
+    """How a VM boots: from a disk image, or from a kernel (with an initrd and a command
+    line)."""
+
+    image: Annotated[str | None, _SHORT] = None
+    kernel: Annotated[str | None, _SHORT] = None
+    initrd: Annotated[str | None, _SHORT] = None
+    cmdline: Annotated[str | None, Rule(max_length=1024, must="a short string")] = None
+
+
+@dataclass(frozen=True)
+class VmBody:
+    """``POST /api/v1/vms`` (and the placement dry run): the shape that reads the body and
+    describes it in openapi.json. ``placement`` is read by :meth:`Policy.from_json`, which
+    also refuses keys it does not know."""
+
+    name: Annotated[str, Rule(pattern=VM_NAME.pattern, must=_NAME_MUST, code="invalid_name",
+                              description="unique among the fleet's VMs")]
+    vcpus: Annotated[int, Rule(minimum=1, maximum=64)]
+    memory_mib: Annotated[int, Rule(minimum=64, maximum=1 << 20)]
+    disk_gib: Annotated[int, Rule(minimum=0, maximum=1 << 16)] = 0
+    boot: Annotated[BootBody, Rule(must=_BOOT_MUST)] = BootBody()
+    placement: Any = None
+    on_node_loss: Annotated[Literal["wait", "restart"], Rule(
+        must='"wait" (for the node to return) or "restart" (elsewhere, once the lost node'
+             ' has stopped it)',
+        description="restart: elsewhere, once the lost node has stopped it")] = "wait"
 
 
 @dataclass(frozen=True)
@@ -59,51 +96,27 @@ class VmRequest:
 
     @classmethod
     def from_json(cls, body: Any) -> VmRequest:
-        if not isinstance(body, dict):
-            raise Refused("invalid_request", "body must be a JSON object")
-        name = body.get("name")
-        if not isinstance(name, str) or not VM_NAME.fullmatch(name):
-            raise Refused("invalid_name", "name must be a lower-case DNS label (a-z, 0-9, -;"
-                          " at most 63 characters)")
-        if UUID_SHAPE.fullmatch(name):  # VMs are found by id or name: a name is never an id
+        """The request in a ``POST /api/v1/vms`` body (its shape: :class:`VmBody`); Refused,
+        naming the field, otherwise."""
+        vm = body_of(VmBody, body)
+        if UUID_SHAPE.fullmatch(vm.name):  # VMs are found by id or name: a name is never an id
             raise Refused("invalid_name", "name must not have the shape of a VM id (a UUID)")
-
-        def integer(key: str, low: int, high: int, default: int | None = None) -> int:
-            value = body.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise Refused("invalid_request", f"{key} must be an integer from {low} to {high}")
-            return value
-
-        vcpus = integer("vcpus", 1, 64)
-        memory = integer("memory_mib", 64, 1 << 20)
-        disk = integer("disk_gib", 0, 1 << 16, 0)
-        boot = body.get("boot", {})
-        if not isinstance(boot, dict) or not set(boot) <= {"image", "kernel", "initrd",
-                                                            "cmdline"}:
-            raise Refused("invalid_request", 'boot must be {"image": NAME} or {"kernel": NAME,'
-                          ' "initrd": NAME, "cmdline": TEXT}')
-        fields = {}
-        for key in ("image", "kernel", "initrd", "cmdline"):
-            value = boot.get(key) or ""
-            if not isinstance(value, str) or len(value) > (1024 if key == "cmdline" else 128):
-                raise Refused("invalid_request", f"boot.{key} must be a short string")
-            fields[key] = value
-        if any(not (32 <= ord(ch) < 127) for ch in fields["cmdline"]):
+        raw_boot = body.get("boot")
+        if isinstance(raw_boot, dict) and not set(raw_boot) <= _BOOT_KEYS:
+            raise Refused("invalid_request", f"boot must be {_BOOT_MUST}")
+        boot = {key: getattr(vm.boot, key) or "" for key in _BOOT_KEYS}
+        if any(not (32 <= ord(ch) < 127) for ch in boot["cmdline"]):
             raise Refused("invalid_request", "boot.cmdline must be printable ASCII")
-        if fields["image"] and fields["kernel"]:
+        if boot["image"] and boot["kernel"]:
             raise Refused("invalid_request", "boot from an image or a kernel, not both")
-        if fields["initrd"] and not fields["kernel"]:
+        if boot["initrd"] and not boot["kernel"]:
             raise Refused("invalid_request", "boot.initrd needs boot.kernel")
         try:
-            policy = Policy.from_json(body.get("placement", {}))
+            policy = Policy.from_json(vm.placement)
         except ValueError as exc:
             raise Refused("invalid_placement", f"placement: {exc}") from None
-        on_loss = body.get("on_node_loss", "wait")
-        if on_loss not in ("wait", "restart"):
-            raise Refused("invalid_request", 'on_node_loss must be "wait" (for the node to'
-                          ' return) or "restart" (elsewhere, once the lost node has stopped it)')
-        return cls(name, vcpus, memory, disk, fields["image"], fields["kernel"],
-                   fields["initrd"], fields["cmdline"], policy, on_loss)
+        return cls(vm.name, vm.vcpus, vm.memory_mib, vm.disk_gib, boot["image"],
+                   boot["kernel"], boot["initrd"], boot["cmdline"], policy, vm.on_node_loss)
 
     def demand(self) -> Demand:
         return Demand(self.vcpus, self.memory_mib, self.disk_gib, self.policy)

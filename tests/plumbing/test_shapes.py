@@ -3,6 +3,7 @@ the JSON schema."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -41,7 +42,7 @@ def test_a_good_value_reads_as_the_shape() -> None:
 @pytest.mark.parametrize(("value", "message", "code"), [
     (None, "body must be a JSON object", ""),
     ([], "body must be a JSON object", ""),
-    ({}, "name must be given", ""),
+    ({}, "name must be a lower-case word", "invalid_name"),  # missing: what it must be
     ({"name": "Web"}, "name must be a lower-case word", "invalid_name"),
     ({"name": 7}, "name must be a lower-case word", "invalid_name"),
     ({"name": "web", "size": 0.1}, "size must be a number of at least 0.5", ""),
@@ -51,7 +52,7 @@ def test_a_good_value_reads_as_the_shape() -> None:
     ({"name": "web", "flag": 1}, "flag must be true or false", ""),
     ({"name": "web", "note": 5}, "note must be a string or null", ""),
     ({"name": "web", "inner": []}, "inner must be a JSON object or null", ""),
-    ({"name": "web", "inner": {}}, "inner.count must be given", ""),
+    ({"name": "web", "inner": {}}, "inner.count must be an integer from 1 to 8", ""),
     ({"name": "web", "inner": {"count": True}}, "inner.count must be an integer from 1 to 8",
      ""),
     ({"name": "web", "inner": {"count": 9}}, "inner.count must be an integer from 1 to 8", ""),
@@ -87,3 +88,15 @@ def test_the_schema_comes_from_the_same_definition() -> None:
         "type": "array", "items": {"type": "string"}, "maxItems": 2, "default": []}
     assert props["labels"] == {"type": "object", "additionalProperties": {"type": "string"}}
     assert props["extra"] == {}
+
+
+@dataclass(frozen=True)
+class WithNested:
+    inner: Inner = Inner(1)
+
+
+def test_a_nested_shapes_default_leaves_its_own_defaults_to_its_schema() -> None:
+    doc = schema(WithNested)
+    assert "default" not in doc["properties"]["inner"]
+    assert json.loads(json.dumps(doc)) == doc  # plain JSON, as openapi.json serves it
+    assert parse(WithNested, {}) == WithNested(Inner(1))
